@@ -14,20 +14,24 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
+    "activations",
     "adapters",
+    "alignment",
     "cache",
-    "capture",
     "chat",
     "directions",
+    "families",
     "gradients",
     "hooks",
     "interventions",
     "losses",
     "models",
     "moe",
+    "positions",
+    "routing",
     "sae",
+    "spans",
     "stats",
-    "tiny",
     "train",
     "viz",
 }
@@ -36,10 +40,10 @@ _EXPORTS = {
     "ActivationCache": "interp.cache",
     "HookedModel": "interp.hooks",
     "HookPoint": "interp.hooks",
-    "capture": "interp.capture",
+    "capture": "interp.activations",
     "capture_grads": "interp.gradients",
     "load": "interp.models",
-    "tiny": "interp.tiny",
+    "tiny": "interp.families",
 }
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))
