@@ -51,7 +51,9 @@ def char_span_to_tokens(offsets: Int[Tensor, "pos 2"], start: int, end: int) -> 
     return int(hit[0]), int(hit[-1]) + 1
 
 
-def _content_spans(tokenizer: Any, text: str, conversation: Sequence[Message]) -> list[tuple[int, int]]:
+def _content_spans(
+    tokenizer: Any, text: str, conversation: Sequence[Message]
+) -> list[tuple[int, int]]:
     """Character span of each message's content in ``text``.
 
     Message i's content is the last occurrence of its text in the rendering of
@@ -108,7 +110,9 @@ def encode(
     has_answer = ends_assistant[0]
     agp = (not has_answer) if add_generation_prompt is None else add_generation_prompt
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
+        raise ValueError(
+            "tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token"
+        )
 
     rows: list[dict[str, Any]] = []
     for conv in convs:

@@ -107,9 +107,7 @@ def tiny_hf(family: str, seed: int = 0, **overrides: Any):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if family not in _FAMILY_KWARGS:
-        raise ValueError(
-            f"unknown family {family!r}; interp.tiny supports: {', '.join(FAMILIES)}"
-        )
+        raise ValueError(f"unknown family {family!r}; interp.tiny supports: {', '.join(FAMILIES)}")
     tok = byte_tokenizer()
     kwargs = {**_COMMON, **_FAMILY_KWARGS[family], **overrides}
     kwargs.update(

@@ -127,7 +127,9 @@ def _unknown_name_message(name: str, available: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
     if not close:
         generic = sorted({_LAYER_RE.sub("blocks.*.", n) for n in available})
-        close = difflib.get_close_matches(_LAYER_RE.sub("blocks.*.", name), generic, n=5, cutoff=0.4)
+        close = difflib.get_close_matches(
+            _LAYER_RE.sub("blocks.*.", name), generic, n=5, cutoff=0.4
+        )
     hint = ", ".join(close) if close else ", ".join(available[:8]) + ", …"
     return (
         f"unknown hook name {name!r}. Closest valid names: {hint}. "
@@ -210,7 +212,7 @@ class HookedModelBase:
     def _register(self, name: str, fn: HookFn, point: HookPoint, backward: bool) -> list[Any]:
         raise NotImplementedError
 
-    def _expand(self, specs: Iterable[HookSpec], kind: str) -> list[tuple[str, HookFn]]:
+    def _expand(self, specs: Iterable[Any], kind: str) -> list[tuple[str, HookFn]]:
         out = []
         for spec in specs:
             if not (isinstance(spec, tuple | list) and len(spec) == 2 and callable(spec[1])):
@@ -222,9 +224,7 @@ class HookedModelBase:
         return out
 
     @contextlib.contextmanager
-    def hooks(
-        self, fwd: Iterable[HookSpec] = (), bwd: Iterable[HookSpec] = ()
-    ) -> Iterator[HookedModelBase]:
+    def hooks(self, fwd: Iterable[Any] = (), bwd: Iterable[Any] = ()) -> Iterator[HookedModelBase]:
         """Register forward/backward hooks for the duration of the block.
 
         Nested use is fine: each context removes exactly the handles it added.
@@ -250,8 +250,8 @@ class HookedModelBase:
     def run_with_hooks(
         self,
         *args: Any,
-        fwd_hooks: Iterable[HookSpec] = (),
-        bwd_hooks: Iterable[HookSpec] = (),
+        fwd_hooks: Iterable[Any] = (),
+        bwd_hooks: Iterable[Any] = (),
         **kwargs: Any,
     ) -> Tensor:
         """Run one forward pass with temporary hooks (TransformerLens's name and signature)."""

@@ -66,11 +66,18 @@ def _convert_embedded(name: str, target: Path) -> None:
 
     gguf = embedded_gguf(name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are plain fp32 now; keep no trace of the GGUF quantization config.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = name
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are plain fp32 now, but the loaded object still counts as "GGUF
+    # quantized" and refuses save_pretrained: copy them into a clean model.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    state = model.state_dict()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -142,7 +149,9 @@ def load(
             model.to(device)
         return HFHookedModel(model, tokenizer)
     if not isinstance(model, str | os.PathLike):
-        raise TypeError(f"interp.load expects a name, path or model object, got {type(model).__name__}")
+        raise TypeError(
+            f"interp.load expects a name, path or model object, got {type(model).__name__}"
+        )
     name = str(model)
     if name in EMBEDDED:
         target = cache_dir() / name

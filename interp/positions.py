@@ -43,7 +43,9 @@ class Batch:
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(self.input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be [batch, pos], got shape {tuple(self.input_ids.shape)}"
+            )
         if self.attention_mask.shape != self.input_ids.shape:
             raise ValueError(
                 f"attention_mask shape {tuple(self.attention_mask.shape)} != input_ids shape "
@@ -181,7 +183,9 @@ def selector(positions: Any, batch: Batch | None, device: torch.device | None = 
             )
         if positions in batch.positions:
             idx = batch.positions[positions]
-            return Selector("rows", index=idx.to(device), rows=torch.arange(len(idx), device=device))
+            return Selector(
+                "rows", index=idx.to(device), rows=torch.arange(len(idx), device=device)
+            )
         return Selector("mask", index=batch.masks[positions].to(device))
     if isinstance(positions, int):
         return Selector("index", index=positions)
