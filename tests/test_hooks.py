@@ -68,7 +68,7 @@ def test_resid_stream_identities(family, ids):
 
 def test_gpt_neox_parallel_residual_has_no_resid_mid():
     model = interp.tiny("gpt_neox")
-    with pytest.raises(HookNameError, match="blocks.0.hook_resid_pre"):
+    with pytest.raises(HookNameError, match=r"blocks\.0\.hook_resid_pre"):
         with model.hooks(fwd=[("blocks.0.hook_resid_mid", lambda t, h: None)]):
             pass
 
