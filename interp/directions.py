@@ -212,6 +212,7 @@ class Direction:
             "norms": self.norms.detach().cpu().contiguous(),
         }
         directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".direction-", suffix=".tmp", dir=directory)
         os.close(fd)
         try:
@@ -287,7 +288,10 @@ def stack_layers(
     for key, value in acts.items():
         layer = _layer_of(key)
         if layer in by_layer:
-            raise ValueError(f"two entries for layer {layer}: {by_layer[layer][0]!r} and {key!r}")
+            raise ValueError(
+                f"two entries for layer {layer}: {by_layer[layer][0]!r} and {key!r}; "
+                "pass one hook per layer (e.g. only the names ending in 'hook_resid_post')"
+            )
         name = key if isinstance(key, str) else hook.format(layer=layer)
         by_layer[layer] = (name, value)
     wanted = sorted(by_layer) if layers is None else [int(x) for x in layers]

@@ -107,6 +107,8 @@ def test_bad_inputs_raise_clear_errors():
         stack_layers({"ln_final.hook_normalized": a[:, 0]})
     with pytest.raises(ValueError, match="at least one"):
         mean_difference(a[:0], b)
+    with pytest.raises(ValueError, match="one hook per layer"):
+        stack_layers({"blocks.1.hook_resid_pre": a[:, 0], "blocks.1.hook_resid_post": a[:, 1]})
 
 
 def test_zero_difference_layer_stays_zero():
@@ -142,7 +144,9 @@ def test_save_load_round_trip(tmp_path):
     a, b, _ = planted(n=30)
     d = mean_difference(a, b, layers=[2, 5, 11], hook="blocks.{layer}.hook_resid_pre")
     path = tmp_path / "trait.safetensors"
-    d.save(path)
+    d.save(str(path))
+    Direction.from_vectors(torch.ones(1, 4)).save(tmp_path / "new" / "dir.safetensors")
+    assert Direction.load(tmp_path / "new" / "dir.safetensors").d_model == 4
     loaded = Direction.load(path)
     assert torch.equal(loaded.vectors, d.vectors) and torch.equal(loaded.norms, d.norms)
     assert loaded.layers == d.layers and loaded.hook_names == d.hook_names
@@ -150,7 +154,7 @@ def test_save_load_round_trip(tmp_path):
     # Overwriting works and leaves no temporary files behind.
     Direction.from_vectors(torch.ones(1, 4)).save(path)
     assert Direction.load(path).layers == (0,)
-    assert os.listdir(tmp_path) == ["trait.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["new", "trait.safetensors"]
 
 
 def test_failed_save_keeps_the_old_file(tmp_path):
