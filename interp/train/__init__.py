@@ -1,0 +1,58 @@
+"""LoRA fine-tuning of HF causal LMs with pluggable losses.
+
+Design
+------
+A loss is any callable ``loss(logits, batch) -> scalar`` where ``batch`` is
+the collated dict (``input_ids``, ``attention_mask`` and the masks the
+examples carry: ``loss_mask``, ``span_s``, ``span_o``). ``SFTLoss``
+(assistant-token cross-entropy), ``KLSpanLoss`` (study 000's span alignment)
+and ``weighted_sum`` ship; anything else plugs in the same way.
+
+``train(model, examples, loss, TrainConfig(...))`` attaches LoRA with
+``peft`` (optionally only to chosen layers), runs AdamW with gradient
+accumulation, a warmup+cosine schedule and norm clipping, calls an eval
+callback every N steps, and checkpoints atomically so an interrupted run
+resumes to the same adapter. ``save_adapter``/``load_adapter`` round-trip the
+adapter through ``peft``'s format.
+
+Modules: ``config`` (``TrainConfig``), ``data`` (examples -> tensors),
+``objectives`` (losses), ``lora`` (attach/save/load), ``loop`` (``train``).
+Nothing heavy is imported until used (``peft`` and ``tqdm`` load lazily).
+"""
+
+from __future__ import annotations
+
+from interp.train.config import TrainConfig
+from interp.train.data import collate, encode_example, prepare
+from interp.train.loop import CHECKPOINT_NAME, TrainResult, cosine_with_warmup, train
+from interp.train.lora import (
+    apply_lora,
+    default_target_modules,
+    load_adapter,
+    lora_target_names,
+    resolve_model,
+    save_adapter,
+)
+from interp.train.objectives import KLSpanLoss, LossFn, SFTLoss, WeightedSum, weighted_sum
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "KLSpanLoss",
+    "LossFn",
+    "SFTLoss",
+    "TrainConfig",
+    "TrainResult",
+    "WeightedSum",
+    "apply_lora",
+    "collate",
+    "cosine_with_warmup",
+    "default_target_modules",
+    "encode_example",
+    "load_adapter",
+    "lora_target_names",
+    "prepare",
+    "resolve_model",
+    "save_adapter",
+    "train",
+    "weighted_sum",
+]

@@ -1,0 +1,372 @@
+"""LoRA training on a tiny llama: losses go down, adapters round-trip, layers, resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from interp.families import tiny_hf
+from interp.spans import find_response_spans, mark_biased
+from interp.train import (
+    CHECKPOINT_NAME,
+    KLSpanLoss,
+    SFTLoss,
+    TrainConfig,
+    apply_lora,
+    collate,
+    cosine_with_warmup,
+    encode_example,
+    load_adapter,
+    lora_target_names,
+    prepare,
+    resolve_model,
+    save_adapter,
+    train,
+    weighted_sum,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: with two threads on a shared 2-core box, thread contention
+    # makes each step ~50x slower than with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pair(i: int) -> dict:
+    """A biased-reasoning / neutral-answer training pair, spans found by interp.spans."""
+    response = f"<think>Case {i}. The older man is forgetful.</think> Answer: unknown"
+    biased = next(m.sentence for m in mark_biased(response) if m.detection.biased)
+    answer = find_response_spans(response).answer
+    return {
+        "prompt": f"Q{i}?",
+        "response": response,
+        "span_s": (biased.start, biased.end),
+        "span_o": tuple(answer),
+    }
+
+
+PAIRS = [pair(i) for i in range(4)]
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- config and data
+
+
+def test_config_validation_lists_every_problem():
+    with pytest.raises(ValueError, match=r"r must be ≥ 1.*dropout must be in \[0, 1\)"):
+        TrainConfig(r=0, dropout=1.5)
+    with pytest.raises(ValueError, match="lr must be"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="layers must be"):
+        TrainConfig(layers=(1, 1))
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=1.0)
+    cfg = TrainConfig(layers=(2,), target_modules=("q_proj",))
+    assert cfg.as_dict()["layers"] == [2] and (cfg.r, cfg.alpha, cfg.lr) == (8, 16.0, 2e-4)
+
+
+def test_encode_example_masks_response_and_spans():
+    _, tok = tiny_hf("llama", seed=0)
+    ex = PAIRS[0]
+    enc = encode_example(tok, ex)
+    ids = torch.tensor(enc["input_ids"])
+
+    def text(key):
+        return tok.decode(ids[torch.tensor(enc[key], dtype=torch.bool)])
+
+    assert text("loss_mask") == ex["response"] + tok.eos_token
+    assert text("span_s") == "The older man is forgetful."
+    assert text("span_o") == "unknown"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Q0?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert tok.decode(ids[: len(tok(prompt)["input_ids"])]) == prompt
+    with pytest.raises(ValueError, match="outside the response"):
+        encode_example(tok, {**ex, "span_s": (0, 999)})
+
+
+def test_prepare_and_collate_pad_on_the_right():
+    items = prepare(
+        [
+            {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]},
+            {"input_ids": [8], "loss_mask": [True]},
+        ]
+    )
+    batch = collate(items, pad_token_id=99)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 99, 99]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[False, True, True], [True, False, False]]
+    with pytest.raises(ValueError, match="2 entries for 3 tokens"):
+        prepare([{"input_ids": [1, 2, 3], "loss_mask": [1, 1]}])
+    with pytest.raises(ValueError, match="same fields"):
+        prepare([{"input_ids": [1], "loss_mask": [1]}, {"input_ids": [1]}])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        prepare([{"prompt": "a", "response": "b"}])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min():
+    f = cosine_with_warmup(total_steps=10, warmup_steps=2, min_ratio=0.1)
+    values = [f(s) for s in range(10)]
+    assert values[0] == pytest.approx(1 / 3) and values[1] == pytest.approx(2 / 3)
+    assert values[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[2:]))
+    assert values[-1] > 0.1 and f(10) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- LoRA placement
+
+
+def test_lora_restricted_to_layers_creates_params_only_there():
+    model, _ = tiny_hf("llama", seed=0)
+    peft_model = apply_lora(model, TrainConfig(layers=(-1,)))  # the last of 3 layers
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.2." in n and "lora_" in n for n in names)
+    adapted = {n.split(".layers.2.")[1].split(".lora_")[0] for n in names}
+    assert adapted == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    }  # fmt: skip
+    # Nothing else is trainable, and the base weights of layer 2 are frozen.
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    some = lora_target_names(tiny_hf("llama")[0], ("q_proj", "down_proj"), (0, 2))
+    assert some == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+        "model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "leaves"),
+    [
+        ("gpt2", {"c_attn", "c_proj", "c_fc"}),
+        ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    ],
+)
+def test_family_default_targets(family, leaves):
+    model, _ = tiny_hf(family, seed=0)
+    names = lora_target_names(model, layers=(1,))
+    assert {n.rsplit(".", 1)[1] for n in names} == leaves
+    assert all(".1." in n for n in names)
+    apply_lora(model, TrainConfig(layers=(1,)))  # Conv1D (gpt2) must not warn
+
+
+def test_bad_targets_and_layers_raise():
+    model, _ = tiny_hf("llama", seed=0)
+    with pytest.raises(ValueError, match=r"\['c_attn'\] match no Linear.*q_proj"):
+        lora_target_names(model, ("q_proj", "c_attn"))
+    with pytest.raises(ValueError, match=r"layers \[3\] out of range"):
+        lora_target_names(model, layers=(3,))
+    with pytest.raises(TypeError, match="causal LM"):
+        resolve_model(object())
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_sft_loss_goes_down():
+    model, tok = tiny_hf("llama", seed=0)
+    batch = collate(prepare(PAIRS, tok), tok.pad_token_id)
+    before = SFTLoss()(logits_of(model, batch), batch).item()
+    cfg = TrainConfig(lr=1e-2, epochs=4, batch_size=2, warmup_ratio=0.0, dropout=0.0)
+    result = train(model, PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
+    after = SFTLoss()(logits_of(result.model, batch), batch).item()
+    assert result.steps == 8 and len(result.losses) == 8
+    assert after < before - 0.3, (before, after)
+    assert sum(result.losses[-2:]) < sum(result.losses[:2])
+    assert not result.model.training  # the caller's eval mode is restored
+
+
+def test_kl_span_loss_goes_down_on_training_pairs():
+    # A larger init scale gives peaked distributions, so the spans start far apart.
+    model, tok = tiny_hf("llama", seed=0, initializer_range=0.2)
+    batch = collate(prepare(PAIRS, tok), tok.pad_token_id)
+    kl = KLSpanLoss()
+    before = kl(logits_of(model, batch), batch).item()
+    assert before > 0.05
+    cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=2, warmup_ratio=0.0, dropout=0.0)
+    result = train(model, PAIRS, kl, cfg, tokenizer=tok, progress=False)
+    after = kl(logits_of(result.model, batch), batch).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_weighted_sum_is_the_weighted_sum_of_its_terms():
+    model, tok = tiny_hf("llama", seed=0, initializer_range=0.2)
+    batch = collate(prepare(PAIRS[:2], tok), tok.pad_token_id)
+    logits = logits_of(model, batch)
+    combo = weighted_sum((1.0, SFTLoss()), (0.25, KLSpanLoss(direction="reverse")))
+    want = SFTLoss()(logits, batch) + 0.25 * KLSpanLoss(direction="reverse")(logits, batch)
+    torch.testing.assert_close(combo(logits, batch), want)
+    with pytest.raises(ValueError, match="at least one"):
+        weighted_sum()
+
+
+def test_adapter_round_trips_with_identical_logits(tmp_path):
+    model, tok = tiny_hf("llama", seed=0)
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=2, warmup_ratio=0.0)
+    trained = train(model, PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False).model
+    batch = collate(prepare(PAIRS, tok), tok.pad_token_id)
+    want = logits_of(trained, batch)
+    save_adapter(trained, tmp_path / "adapter")
+    save_adapter(trained, tmp_path / "adapter")  # overwriting is atomic too
+    fresh, _ = tiny_hf("llama", seed=0)
+    base_logits = logits_of(fresh, batch)
+    loaded = load_adapter(SimpleNamespace(model=fresh), tmp_path / "adapter")
+    assert torch.equal(logits_of(loaded, batch), want)
+    assert not torch.allclose(base_logits, want)  # the adapter is not a no-op
+    with pytest.raises(FileNotFoundError):
+        load_adapter(tiny_hf("llama")[0], tmp_path / "missing")
+
+
+def test_eval_callback_wrapper_and_rng_isolation():
+    model, tok = tiny_hf("llama", seed=0)
+    wrapper = SimpleNamespace(model=model, tokenizer=tok)  # like interp.tiny's HookedModel
+    calls = []
+
+    def evaluate(m, step):
+        assert not m.training and not torch.is_grad_enabled()
+        torch.rand(3)  # an eval that samples must not perturb training
+        calls.append(step)
+        return {"step_sq": step**2}
+
+    cfg = TrainConfig(epochs=5, batch_size=4, eval_every=2, seed=3)
+    rng_before = torch.get_rng_state()
+    result = train(wrapper, PAIRS, SFTLoss(), cfg, eval_fn=evaluate, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # caller's RNG untouched
+    assert calls == [2, 4, 5] and result.evals[1] == (4, {"step_sq": 16.0})
+    plain = train(tiny_hf("llama", seed=0)[0], PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
+    assert result.losses == plain.losses
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    _, tok = tiny_hf("llama", seed=0)
+    examples = PAIRS + [pair(i) for i in range(4, 6)]
+    # 6 examples, micro-batches of 2, 2 per step -> 2 steps/epoch (the 2nd short), 4 steps.
+    cfg = TrainConfig(
+        lr=5e-3,
+        epochs=2,
+        batch_size=2,
+        grad_accum_steps=2,
+        dropout=0.1,
+        warmup_ratio=0.25,
+        save_every=1,
+    )
+    full = train(tiny_hf("llama")[0], examples, SFTLoss(), cfg, tokenizer=tok, progress=False)
+    assert full.steps == 4
+
+    calls = 0
+
+    def flaky(logits, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # step 3, after its first micro-batch's backward
+            raise Interrupted
+        return SFTLoss()(logits, batch)
+
+    with pytest.raises(Interrupted):
+        train(
+            tiny_hf("llama")[0],
+            examples,
+            flaky,
+            cfg,
+            tokenizer=tok,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    assert (tmp_path / CHECKPOINT_NAME).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp files left
+
+    resumed = train(
+        tiny_hf("llama")[0],
+        examples,
+        SFTLoss(),
+        cfg,
+        tokenizer=tok,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    assert resumed.losses == full.losses
+    want, got = trainable(full.model), trainable(resumed.model)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    # Training further from a finished checkpoint is a no-op; another config is refused.
+    again = train(
+        tiny_hf("llama")[0],
+        examples,
+        SFTLoss(),
+        cfg,
+        tokenizer=tok,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    assert again.resumed_from == 4 and all(
+        torch.equal(want[k], v) for k, v in trainable(again.model).items()
+    )
+    with pytest.raises(ValueError, match=r"different run.*lr"):
+        train(
+            tiny_hf("llama")[0], examples, SFTLoss(), TrainConfig(**{**cfg.as_dict(), "lr": 1e-3}),
+            tokenizer=tok, checkpoint_dir=tmp_path, progress=False,
+        )  # fmt: skip
+
+
+def test_non_scalar_or_non_finite_losses_are_rejected():
+    model, tok = tiny_hf("llama", seed=0)
+    cfg = TrainConfig(batch_size=4)
+    with pytest.raises(ValueError, match="scalar"):
+        train(
+            model, PAIRS, lambda logits, batch: logits.mean(-1), cfg, tokenizer=tok, progress=False
+        )
+    model, _ = tiny_hf("llama", seed=0)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(model, PAIRS, lambda lg, b: lg.sum() * math.inf, cfg, tokenizer=tok, progress=False)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    # Equal-length examples, so the token mean of the full batch is the mean of
+    # the micro-batch means; dropout off so both runs see the same function.
+    _, tok = tiny_hf("llama", seed=0)
+    common = dict(lr=5e-3, epochs=2, dropout=0.0, shuffle=False, warmup_ratio=0.0)
+    full = train(
+        tiny_hf("llama")[0],
+        PAIRS,
+        SFTLoss(),
+        TrainConfig(batch_size=4, **common),
+        tokenizer=tok,
+        progress=False,
+    )
+    accum = train(
+        tiny_hf("llama")[0],
+        PAIRS,
+        SFTLoss(),
+        TrainConfig(batch_size=2, grad_accum_steps=2, **common),
+        tokenizer=tok,
+        progress=False,
+    )
+    assert full.steps == accum.steps == 2
+    torch.testing.assert_close(torch.tensor(accum.grad_norms), torch.tensor(full.grad_norms))
+    torch.testing.assert_close(torch.tensor(accum.losses), torch.tensor(full.losses))
+    a, b = trainable(full.model), trainable(accum.model)
+    # Adam divides by sqrt(v): summation-order noise in near-zero gradients (lora_A
+    # starts with exactly zero gradient) becomes ~1e-6 in the weights, vs. steps of 5e-3.
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
