@@ -1,0 +1,62 @@
+"""TopK sparse autoencoders: model, sparse kernels, trainer, SAELens interchange, splicing.
+
+``TopKSAE`` (Gao et al. 2024) keeps its latents as k (index, value) pairs; encoder and
+decoder backward passes touch only the selected latents (``functional``). ``train``
+fits it on any iterable of activation batches (checkpoint/resume, data parallel);
+``save``/``load`` use SAELens's directory format; ``splice`` puts it into a model
+through a TransformerLens-style hook.
+"""
+
+from __future__ import annotations
+
+from interp.sae.functional import (
+    TopKActivations,
+    auxk_loss,
+    dense_decode,
+    fvu,
+    geometric_median,
+    pre_activations,
+    sparse_decode,
+    topk_encode,
+    topk_encode_dense,
+)
+from interp.sae.model import SAEOutput, TopKSAE, TopKSAEConfig
+from interp.sae.saelens import from_saelens, load_saelens, save_saelens, to_saelens
+from interp.sae.splice import ce_loss_recovered, splice
+from interp.sae.train import (
+    EvalMetrics,
+    StepMetrics,
+    TrainConfig,
+    TrainResult,
+    default_lr,
+    evaluate,
+    train,
+)
+
+__all__ = [
+    "EvalMetrics",
+    "SAEOutput",
+    "StepMetrics",
+    "TopKActivations",
+    "TopKSAE",
+    "TopKSAEConfig",
+    "TrainConfig",
+    "TrainResult",
+    "auxk_loss",
+    "ce_loss_recovered",
+    "default_lr",
+    "dense_decode",
+    "evaluate",
+    "from_saelens",
+    "fvu",
+    "geometric_median",
+    "load_saelens",
+    "pre_activations",
+    "save_saelens",
+    "sparse_decode",
+    "splice",
+    "to_saelens",
+    "topk_encode",
+    "topk_encode_dense",
+    "train",
+]

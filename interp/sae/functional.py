@@ -1,0 +1,348 @@
+"""TopK sparse-autoencoder math as pure tensor functions.
+
+Design (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", §2–3 and
+Appendix A; OpenAI's reference code ``sparse_autoencoder/train.py``):
+
+    z  = TopK(ReLU(W_enc (x − b_dec) + b_enc))      kept as k (index, value) pairs
+    x̂  = Σ_j z_j · W_dec[i_j] + b_dec
+
+* ``z`` never exists as a dense ``[n, d_sae]`` matrix on the training path. The dense
+  pre-activations are computed once *without* autograd (TopK's selection is not
+  differentiable), the top-k indices are picked, and the k values are gathered through
+  ``_EncodeGather``, whose backward touches only the selected columns of ``W_enc`` and
+  entries of ``b_enc`` (``index_add``). Only those k pre-activations carry gradient, so
+  this is exact, and it replaces a dense ``[d_in, n] @ [n, d_sae]`` matmul by n·k·d_in
+  multiply-adds.
+* Decoding goes through ``_SparseDecode``: the forward is ``embedding_bag`` (gather and
+  weighted sum of k decoder rows without materializing them); the backward computes
+  ``dW_dec`` with ``index_add`` over the k selected rows and ``dz`` with a chunked
+  gather.  Chunking keeps the ``[chunk, k, d_in]`` temporaries cache-sized.
+* Dense references (``topk_encode_dense``, ``dense_decode``) use plain autograd; the
+  tests compare values and gradients of both paths.
+* Losses: ``fvu`` (normalized MSE) and ``auxk_loss`` normalized the same way. Both take
+  an optional ``all_reduce`` (sum over data-parallel ranks) so that each rank's loss is
+  its share of the *global* batch's loss: summing gradients over ranks then gives
+  exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+__all__ = [
+    "AllReduce",
+    "TopKActivations",
+    "auxk_loss",
+    "dead_topk",
+    "dense_decode",
+    "fvu",
+    "geometric_median",
+    "pre_activations",
+    "sparse_decode",
+    "topk_encode",
+    "topk_encode_dense",
+]
+
+AllReduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over data-parallel ranks (returns a new tensor); identity when single."""
+
+# Rows per chunk are chosen so a [chunk, k, d_in] fp32 temporary stays near 4 MiB.
+_CHUNK_ELEMENTS = 2**20
+
+
+class TopKActivations(NamedTuple):
+    """Sparse latents: for each row, k latent ``indices`` and their (≥ 0) ``values``.
+
+    Shapes are ``[*batch, k]``. ``values`` are post-ReLU, so a row has fewer than k
+    non-zeros when fewer than k pre-activations are positive.
+    """
+
+    indices: Tensor
+    values: Tensor
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        """Scatter into a dense ``[*batch, d_sae]`` tensor."""
+        dense = self.values.new_zeros((*self.values.shape[:-1], d_sae))
+        return dense.scatter(-1, self.indices, self.values)
+
+
+def _chunk_rows(k: int, d: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, k * d))
+
+
+class _EncodeGather(torch.autograd.Function):
+    """values = pre[n, indices] where pre = (x − b_dec) W_enc + b_enc, with a sparse backward.
+
+    ``pre`` is the dense pre-activation computed without autograd; the forward only
+    gathers from it. The backward uses only the gathered positions: with g = ∂L/∂values,
+        ∂L/∂W_enc[:, s] = Σ_{(n,j): i_nj = s} g_nj (x_n − b_dec)     (index_add)
+        ∂L/∂b_enc[s]    = Σ_{(n,j): i_nj = s} g_nj                    (index_add)
+        ∂L/∂b_dec       = −W_enc ∂L/∂b_enc                            (OpenAI's trick)
+        ∂L/∂x_n         = Σ_j g_nj W_enc[:, i_nj]                     (embedding_bag)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, b_dec, W_enc, b_enc, pre, indices):
+        ctx.save_for_backward(x, b_dec, W_enc, indices)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx: Any, grad):
+        x, b_dec, W_enc, indices = ctx.saved_tensors
+        need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
+        grad_x = grad_b_dec = grad_W = grad_b_enc = None
+        flat_idx = indices.reshape(-1)
+        if need_b_enc or need_b_dec:
+            grad_b_enc = W_enc.new_zeros(W_enc.shape[1]).index_add_(0, flat_idx, grad.reshape(-1))
+        if need_b_dec:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if need_W:
+            n, m = indices.shape
+            d_in = x.shape[1]
+            # Accumulate the transpose [d_sae, d_in] so index_add writes contiguous rows.
+            grad_W_t = W_enc.new_zeros(W_enc.shape[1], d_in)
+            step = _chunk_rows(m, d_in)
+            for s in range(0, n, step):
+                xc = x[s : s + step] - b_dec
+                src = grad[s : s + step, :, None] * xc[:, None, :]
+                grad_W_t.index_add_(0, indices[s : s + step].reshape(-1), src.reshape(-1, d_in))
+            grad_W = grad_W_t.t()
+        if need_x:
+            grad_x = F.embedding_bag(
+                indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum"
+            )
+        return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[n] = Σ_j values[n, j] · W_dec[indices[n, j]] with a backward over the k rows only.
+
+    Backward with G = ∂L/∂out:
+        ∂L/∂W_dec[s]       = Σ_{(n,j): i_nj = s} values_nj G_n        (index_add)
+        ∂L/∂values[n, j]   = W_dec[i_nj] · G_n                        (chunked gather)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, indices, values, W_dec):
+        ctx.save_for_backward(indices, values, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):
+        indices, values, W_dec = ctx.saved_tensors
+        need_values, need_W = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n, k = indices.shape
+        d_in = W_dec.shape[1]
+        grad_values = values.new_empty(n, k) if need_values else None
+        grad_W = torch.zeros_like(W_dec) if need_W else None
+        step = _chunk_rows(k, d_in)
+        for s in range(0, n, step):
+            idx = indices[s : s + step].reshape(-1)
+            g = grad_out[s : s + step]
+            if need_values:
+                rows = W_dec.index_select(0, idx).view(-1, k, d_in)
+                grad_values[s : s + step] = (rows * g[:, None, :]).sum(-1)
+            if need_W:
+                src = values[s : s + step, :, None] * g[:, None, :]
+                grad_W.index_add_(0, idx, src.reshape(-1, d_in))
+        return None, grad_values, grad_W
+
+
+def pre_activations(
+    x: Float[Tensor, "*batch d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    b_dec: Float[Tensor, " d_in"],
+) -> Float[Tensor, "*batch d_sae"]:
+    """Dense pre-activations W_enc (x − b_dec) + b_enc (differentiable)."""
+    return (x - b_dec) @ W_enc + b_enc
+
+
+def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def _select_topk(pre: Tensor, k: int) -> Tensor:
+    # TopK before ReLU: same values as TopK(ReLU(·)) and avoids a pass over [n, d_sae]
+    # (ties among zeros aside, whose values are 0 either way).
+    return pre.topk(k, dim=-1, sorted=True).indices
+
+
+def dead_topk(
+    pre: Float[Tensor, "n d_sae"],
+    dead_mask: Bool[Tensor, " d_sae"],
+    k_aux: int,
+) -> Int[Tensor, "n k_sel"]:
+    """Indices of the top ``min(k_aux, #dead)`` pre-activations among dead latents only.
+
+    Restricting the candidate set (instead of masking alive latents to 0 as OpenAI's
+    ``auxk_mask_fn`` does) means an alive latent can never enter the AuxK term.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    k_sel = min(k_aux, int(dead.numel()))
+    local = pre.index_select(1, dead).topk(k_sel, dim=-1, sorted=False).indices
+    return dead[local]
+
+
+def topk_encode(
+    x: Float[Tensor, "*batch d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    b_dec: Float[Tensor, " d_in"],
+    k: int,
+) -> TopKActivations:
+    """Sparse TopK encoding with a sparse backward (see module docstring)."""
+    acts, _ = _topk_encode_with_aux(x, W_enc, b_enc, b_dec, k)
+    return acts
+
+
+def _topk_encode_with_aux(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[TopKActivations, TopKActivations | None]:
+    """TopK latents plus (when some latent is dead) the AuxK latents, in one sparse gather.
+
+    Both index sets go through a single ``_EncodeGather`` so the encoder backward is one
+    index_add pass, as in OpenAI's ``EncWrapper``.
+    """
+    if not 1 <= k <= W_enc.shape[1]:
+        raise ValueError(f"k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
+    flat, lead = _flatten(x)
+    with torch.no_grad():
+        pre = torch.addmm(b_enc, flat - b_dec, W_enc)
+        indices = _select_topk(pre, k)
+        aux_indices = None
+        if dead_mask is not None and k_aux > 0 and bool(dead_mask.any()):
+            aux_indices = dead_topk(pre, dead_mask, k_aux)
+            indices = torch.cat([indices, aux_indices], dim=1)
+    values = _EncodeGather.apply(flat, b_dec, W_enc, b_enc, pre, indices).relu()
+    acts = TopKActivations(indices[:, :k].reshape(*lead, k), values[:, :k].reshape(*lead, k))
+    if aux_indices is None:
+        return acts, None
+    k_sel = aux_indices.shape[1]
+    aux = TopKActivations(indices[:, k:].reshape(*lead, k_sel), values[:, k:].reshape(*lead, k_sel))
+    return acts, aux
+
+
+def topk_encode_dense(
+    x: Float[Tensor, "*batch d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    b_dec: Float[Tensor, " d_in"],
+    k: int,
+) -> Float[Tensor, "*batch d_sae"]:
+    """Reference dense TopK encoding with plain autograd (SAELens's semantics)."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    top = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+
+def sparse_decode(
+    indices: Int[Tensor, "*batch k"],
+    values: Float[Tensor, "*batch k"],
+    W_dec: Float[Tensor, "d_sae d_in"],
+    b_dec: Float[Tensor, " d_in"] | None = None,
+) -> Float[Tensor, "*batch d_in"]:
+    """Σ_j values_j · W_dec[indices_j] (+ b_dec), touching only the k selected rows."""
+    lead = tuple(indices.shape[:-1])
+    k = indices.shape[-1]
+    if k == 0:
+        out = W_dec.new_zeros((*lead, W_dec.shape[1]))
+    else:
+        flat_values = values.reshape(-1, k).to(W_dec.dtype)
+        out = _SparseDecode.apply(indices.reshape(-1, k), flat_values, W_dec)
+        out = out.reshape(*lead, W_dec.shape[1])
+    return out if b_dec is None else out + b_dec
+
+
+def dense_decode(
+    z: Float[Tensor, "*batch d_sae"],
+    W_dec: Float[Tensor, "d_sae d_in"],
+    b_dec: Float[Tensor, " d_in"] | None = None,
+) -> Float[Tensor, "*batch d_in"]:
+    """Reference dense decode z W_dec (+ b_dec)."""
+    out = z @ W_dec
+    return out if b_dec is None else out + b_dec
+
+
+def _sum_sq_deviation(x: Tensor, all_reduce: AllReduce | None) -> Tensor:
+    """Σ ‖x_n − mean(x)‖² over the (global) batch, with the mean taken first for stability."""
+    if all_reduce is None:
+        return (x - x.mean(0)).pow(2).sum()
+    count = all_reduce(x.new_tensor(float(x.shape[0])))
+    mean = all_reduce(x.sum(0)) / count
+    return all_reduce((x - mean).pow(2).sum())
+
+
+def fvu(
+    x: Float[Tensor, "n d_in"],
+    x_hat: Float[Tensor, "n d_in"],
+    *,
+    all_reduce: AllReduce | None = None,
+) -> Float[Tensor, ""]:
+    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖².
+
+    With ``all_reduce`` (data parallel) the denominator is the global batch's and the
+    result is this rank's share, so the ranks' values sum to the global FVU.
+    """
+    denom = _sum_sq_deviation(x.detach(), all_reduce)
+    return (x - x_hat).pow(2).sum() / denom.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def auxk_loss(
+    x: Float[Tensor, "n d_in"],
+    x_hat: Float[Tensor, "n d_in"],
+    aux: TopKActivations | None,
+    W_dec: Float[Tensor, "d_sae d_in"],
+    *,
+    all_reduce: AllReduce | None = None,
+) -> Float[Tensor, ""]:
+    """AuxK loss (Gao et al. 2024, §2.4 / Appendix A.2).
+
+    e = x − x̂ (detached) is the residual of the main TopK reconstruction; ê decodes the
+    top-k_aux *dead* latents without b_dec (b_dec is already inside x̂). The loss
+    ‖e − ê‖² is normalized by Σ‖e − mean(e)‖², like FVU. It is exactly 0 when no latent
+    is dead (``aux`` is None or has no columns).
+    """
+    if aux is None or aux.indices.shape[-1] == 0:
+        return x.new_zeros(())
+    residual = (x - x_hat).detach()
+    e_hat = sparse_decode(aux.indices, aux.values, W_dec)
+    return fvu(residual, e_hat, all_reduce=all_reduce)
+
+
+def geometric_median(
+    points: Float[Tensor, "n d"],
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    eps: float = 1e-8,
+) -> Float[Tensor, " d"]:
+    """Geometric median by Weiszfeld's iterations, used to initialize b_dec.
+
+    Gao et al. (2024, Appendix A.1) and Bricken et al. (2023) start b_dec at the
+    geometric median of a data sample, which is robust to outliers where the mean is not.
+    ``eps`` keeps a point that coincides with the iterate from dividing by zero.
+    """
+    dtype = points.dtype
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        shift = (new - median).norm()
+        median = new
+        if shift <= tol * max(1.0, float(median.norm())):
+            break
+    return median.to(dtype)

@@ -1,0 +1,234 @@
+"""``TopKSAE``: a thin ``nn.Module`` around the pure TopK math in ``functional``.
+
+Parameters use the names of Gao et al. (2024) and SAELens: ``W_enc`` [d_in, d_sae],
+``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in]. They are always fp32;
+inputs in bf16/fp16 are cast in, so parameters and optimizer state never lose
+precision to the activations' storage dtype.
+
+Initialization follows Gao et al. (2024, Appendix A.1): random unit-norm decoder rows,
+encoder = decoder transpose ("tied init"), b_enc = 0, and b_dec at the geometric median
+of a data sample (``init_b_dec``, called by the trainer on its first batch).
+
+Saving writes SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``,
+architecture ``"topk"``), so ``sae_lens.SAE.load_from_disk`` reads our directories;
+see ``interp.sae.saelens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from interp.sae.functional import (
+    AllReduce,
+    TopKActivations,
+    _topk_encode_with_aux,
+    auxk_loss,
+    dense_decode,
+    fvu,
+    geometric_median,
+    sparse_decode,
+)
+
+__all__ = ["SAEOutput", "TopKSAE", "TopKSAEConfig"]
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class TopKSAEConfig:
+    """Architecture of a TopK SAE. ``hook_name``/``model_name`` are provenance only."""
+
+    d_in: int
+    d_sae: int
+    k: int
+    hook_name: str | None = None
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("d_in", self.d_in)
+        _check_int("d_sae", self.d_sae)
+        _check_int("k", self.k)
+        if self.k > self.d_sae:
+            raise ValueError(
+                f"k must be ≤ d_sae: cannot keep k={self.k} latents out of d_sae={self.d_sae}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SAEOutput(NamedTuple):
+    """Result of ``TopKSAE.forward``.
+
+    ``x_hat`` has the input's shape; ``latents`` are the TopK (index, value) pairs;
+    ``fvu`` and ``auxk_loss`` are scalar loss terms (``auxk_loss`` is exactly 0 when no
+    dead mask is given or no latent is dead).
+    """
+
+    x_hat: Tensor
+    latents: TopKActivations
+    fvu: Tensor
+    auxk_loss: Tensor
+
+
+class TopKSAE(nn.Module):
+    """TopK sparse autoencoder: z = TopK(ReLU(W_enc (x − b_dec) + b_enc)), x̂ = W_dec z + b_dec."""
+
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_enc: nn.Parameter
+    b_dec: nn.Parameter
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        *,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = TopKSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=k, hook_name=hook_name, model_name=model_name
+        )
+        W_dec = torch.randn(d_sae, d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @classmethod
+    def from_config(
+        cls, cfg: TopKSAEConfig, *, generator: torch.Generator | None = None
+    ) -> TopKSAE:
+        return cls(**cfg.to_dict(), generator=generator)
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}"
+
+    # ---- encode / decode -------------------------------------------------------------
+
+    def _cast_in(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"expected activations with last dim d_in={self.d_in}, got {tuple(x.shape)}"
+            )
+        return x.to(self.W_enc.dtype)
+
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> TopKActivations:
+        """Top-k latents of ``x`` as (indices, values), each ``[*batch, k]``."""
+        x = self._cast_in(x)
+        acts, _ = _topk_encode_with_aux(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+        return acts
+
+    def encode_dense(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
+        """Latents as a dense ``[*batch, d_sae]`` tensor (zeros outside the top k)."""
+        return self.encode(x).to_dense(self.d_sae)
+
+    def decode(self, latents: TopKActivations | Tensor) -> Tensor:
+        """Reconstruction from sparse ``TopKActivations`` or from dense ``[*batch, d_sae]`` latents."""
+        if isinstance(latents, TopKActivations):
+            return sparse_decode(latents.indices, latents.values, self.W_dec, self.b_dec)
+        if latents.shape[-1] != self.d_sae:
+            raise ValueError(
+                f"dense latents need last dim d_sae={self.d_sae}, got {tuple(latents.shape)}"
+            )
+        return dense_decode(latents.to(self.W_dec.dtype), self.W_dec, self.b_dec)
+
+    def forward(
+        self,
+        x: Float[Tensor, "*batch d_in"],
+        *,
+        dead_mask: Bool[Tensor, " d_sae"] | None = None,
+        k_aux: int | None = None,
+        all_reduce: AllReduce | None = None,
+    ) -> SAEOutput:
+        """Reconstruction and loss terms.
+
+        ``dead_mask`` marks dead latents for the AuxK term (``k_aux`` defaults to
+        d_in // 2, Gao et al. 2024 Appendix B.1, capped at the number of dead latents).
+        ``all_reduce`` is for data-parallel training (see ``functional.fvu``).
+        """
+        x = self._cast_in(x)
+        flat = x.reshape(-1, self.d_in)
+        k_aux = self.d_in // 2 if k_aux is None else k_aux
+        acts, aux = _topk_encode_with_aux(
+            flat, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux
+        )
+        x_hat = sparse_decode(acts.indices, acts.values, self.W_dec, self.b_dec)
+        fvu_term = fvu(flat, x_hat, all_reduce=all_reduce)
+        aux_term = auxk_loss(flat, x_hat, aux, self.W_dec, all_reduce=all_reduce)
+        lead = tuple(x.shape[:-1])
+        latents = TopKActivations(
+            acts.indices.reshape(*lead, self.k), acts.values.reshape(*lead, self.k)
+        )
+        return SAEOutput(x_hat.reshape(x.shape), latents, fvu_term, aux_term)
+
+    # ---- training-time constraints (Gao et al. 2024, Appendix A.1) ---------------------
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: Float[Tensor, "n d_in"], *, max_iter: int = 100) -> None:
+        """Set b_dec to the geometric median of ``sample`` (Weiszfeld iterations)."""
+        self.b_dec.copy_(geometric_median(self._cast_in(sample), max_iter=max_iter))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (done after each optimizer step)."""
+        self.W_dec.div_(
+            self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+        )
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove the gradient component parallel to each (unit-norm) decoder row.
+
+        With unit-norm rows the parallel component only changes a row's norm, which the
+        renormalization after the step undoes anyway; removing it keeps Adam's moments
+        for the direction (Gao et al. 2024, Appendix A.1; Bricken et al. 2023).
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
+        grad.sub_(parallel * self.W_dec)
+
+    # ---- persistence (SAELens format) -------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens TopK format) atomically."""
+        from interp.sae.saelens import save_saelens
+
+        return save_saelens(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TopKSAE:
+        """Load a directory in SAELens's format (ours or one written by SAELens)."""
+        from interp.sae.saelens import load_saelens
+
+        return load_saelens(path)
