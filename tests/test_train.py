@@ -97,6 +97,12 @@ def test_encode_example_masks_response_and_spans():
         [{"role": "user", "content": "Q0?"}], tokenize=False, add_generation_prompt=True
     )
     assert tok.decode(ids[: len(tok(prompt)["input_ids"])]) == prompt
+    # A response that kept its stop token does not get a second one; spans may be lists.
+    kept = encode_example(
+        tok, {**ex, "response": ex["response"] + tok.eos_token, "span_s": [(7, 14), (19, 31)]}
+    )
+    assert kept["input_ids"] == enc["input_ids"]
+    assert sum(kept["span_s"]) == len("Case 0.") + len("older man is")
     with pytest.raises(ValueError, match="outside the response"):
         encode_example(tok, {**ex, "span_s": (0, 999)})
 

@@ -11,7 +11,8 @@ required), or it is text:
      "span_s": [(start, end), ...], "span_o": [(start, end), ...]}
 
 where spans are *character* spans into ``response`` (e.g. from
-``interp.spans``). Text examples are rendered exactly as at generation time:
+``interp.spans``): one ``(start, end)`` or a list of them, whose tokens form
+one span mask (several biased sentences aggregate into one ``P_s``). Text examples are rendered exactly as at generation time:
 the chat template's generation prompt, then the response, then the
 tokenizer's EOS token, tokenized as one string. ``loss_mask`` marks the
 response and EOS tokens; span masks mark the tokens overlapping each span.
@@ -64,6 +65,8 @@ def encode_example(
         prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         specials = False  # the template already placed BOS and friends
     eos = tokenizer.eos_token if add_eos and tokenizer.eos_token else ""
+    if eos and response.endswith(eos):  # a generation that kept its stop token
+        eos = ""
     text = prefix + response + eos
     enc = tokenizer(text, add_special_tokens=specials, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
