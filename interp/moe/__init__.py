@@ -1,0 +1,46 @@
+"""Mixture-of-experts routing: trace, statistics, steering (SteerMoE) and ablation.
+
+* ``trace(model, batch, mask)`` -> ``RoutingTrace``: top-k experts, weights
+  and router logits of every MoE layer on the masked tokens, stored compactly
+  with per-example token counts.
+* ``risk_difference(trace_1, trace_2)`` -> ``RiskDifference``: SteerMoE's
+  ``Δ = p₁ − p₂`` of top-k selection frequency (or gate mass) for every
+  (layer, expert), length matching, bootstrap intervals over examples,
+  ranking across all (layer, expert) pairs.
+* ``steer(model, deactivate=[(layer, expert)], activate=[...], soft=None)``:
+  edit router logits so the family's own rule re-selects the experts.
+* ``ablate_experts(model, [(layer, expert)], scale=0.0)``: scale one expert's
+  contribution inside the fused expert tensors, routing untouched.
+
+The selection rules themselves live in ``interp.routing``.
+"""
+
+from __future__ import annotations
+
+from interp.moe.stats import (
+    ExpertScore,
+    RiskDifference,
+    expert_interval,
+    gate_mass,
+    length_match,
+    rank_experts,
+    risk_difference,
+    selection_frequency,
+)
+from interp.moe.steer import ablate_experts, steer
+from interp.moe.trace import RoutingTrace, trace
+
+__all__ = [
+    "ExpertScore",
+    "RiskDifference",
+    "RoutingTrace",
+    "ablate_experts",
+    "expert_interval",
+    "gate_mass",
+    "length_match",
+    "rank_experts",
+    "risk_difference",
+    "selection_frequency",
+    "steer",
+    "trace",
+]
