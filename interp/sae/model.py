@@ -107,7 +107,10 @@ class TopKSAE(nn.Module):
         W_dec = torch.randn(d_sae, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())
+        # W_enc is [d_in, d_sae] but stored as the transpose of a row-major [d_sae, d_in]
+        # buffer: the sparse encoder backward then writes whole contiguous rows
+        # (index_add over latents) and its gradient already has the parameter's strides.
+        self.W_enc = nn.Parameter(W_dec.clone().t())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 

@@ -354,7 +354,7 @@ def train(
     if any(p.dtype != torch.float32 for p in params):
         raise TypeError("TopKSAE parameters must be float32 for training (inputs are cast in)")
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
-    opt = torch.optim.Adam(params, lr=base_lr, betas=cfg.betas, eps=cfg.eps)
+    opt = torch.optim.Adam(params, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME if cfg.checkpoint_dir is not None else None
 
