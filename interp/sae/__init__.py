@@ -4,7 +4,8 @@
 decoder backward passes touch only the selected latents (``functional``). ``train``
 fits it on any iterable of activation batches (checkpoint/resume, data parallel);
 ``save``/``load`` use SAELens's directory format; ``splice`` puts it into a model
-through a TransformerLens-style hook.
+through a TransformerLens-style hook; ``ActivationStore`` streams shuffled activations
+from a model (or ``cache_activations``/``CachedActivations`` through disk).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from interp.sae.functional import (
 from interp.sae.model import SAEOutput, TopKSAE, TopKSAEConfig
 from interp.sae.saelens import from_saelens, load_saelens, save_saelens, to_saelens
 from interp.sae.splice import ce_loss_recovered, splice
+from interp.sae.store import ActivationStore, CachedActivations, cache_activations
 from interp.sae.train import (
     EvalMetrics,
     StepMetrics,
@@ -34,6 +36,8 @@ from interp.sae.train import (
 )
 
 __all__ = [
+    "ActivationStore",
+    "CachedActivations",
     "EvalMetrics",
     "SAEOutput",
     "StepMetrics",
@@ -43,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "auxk_loss",
+    "cache_activations",
     "ce_loss_recovered",
     "default_lr",
     "dense_decode",

@@ -52,8 +52,9 @@ __all__ = [
 AllReduce = Callable[[Tensor], Tensor]
 """Sums a tensor over data-parallel ranks (returns a new tensor); identity when single."""
 
-# Rows per chunk are chosen so a [chunk, k, d_in] fp32 temporary stays near 4 MiB.
-_CHUNK_ELEMENTS = 2**20
+# Rows per chunk: a [chunk, k, d_in] fp32 temporary of ~16 MiB. Few enough chunks that
+# per-op overhead (and thread synchronization on a busy machine) stays small.
+_CHUNK_ELEMENTS = 2**22
 
 
 class TopKActivations(NamedTuple):
