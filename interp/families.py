@@ -75,9 +75,21 @@ _FAMILY_KWARGS: dict[str, dict[str, Any]] = {
         "v_head_dim": 16,
     },
 }
+# DeepSeek-V3: sigmoid scores with a learned correction bias, group-limited top-k.
+_FAMILY_KWARGS["deepseek_v3"] = {
+    **{k: v for k, v in _FAMILY_KWARGS["deepseek_v2"].items() if k != "topk_method"},
+    "routed_scaling_factor": 2.5,
+}
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_KWARGS)
-MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+MOE_FAMILIES: tuple[str, ...] = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+)
 
 
 def byte_tokenizer():
@@ -121,6 +133,12 @@ def tiny_hf(family: str, seed: int = 0, **overrides: Any):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        for module in model.modules():
+            # Zero-initialized in HF; random here so tests see it matter for selection.
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:
+                with torch.no_grad():
+                    bias.normal_(0.0, 0.5)
     model.eval()
     return model, tok
 

@@ -56,10 +56,19 @@ def _v3_router(n_experts=8, n_group=4, topk_group=2, top_k=2, norm=True, scale=2
     return cfg, router
 
 
-def _routers(family: str, **overrides):
+def _routers(family: str, *, keep_bias: bool = False, **overrides):
+    """A family's rule and routers. DeepSeek-V3's score-correction bias (random in
+    ``interp.tiny``) is zeroed unless ``keep_bias``: the rule-level tests below call
+    ``select_experts`` without it; the bias path has its own tests."""
     model = _model(family, **overrides)
     rule = RoutingRule.from_config(model.config)
-    return rule, [model.model.layers[layer].mlp.gate for layer in rule.moe_layers]
+    gates = [model.model.layers[layer].mlp.gate for layer in rule.moe_layers]
+    if not keep_bias:
+        for gate in gates:
+            if getattr(gate, "e_score_correction_bias", None) is not None:
+                with torch.no_grad():
+                    gate.e_score_correction_bias.zero_()
+    return rule, gates
 
 
 def _inputs(seed: int, scale: float, n: int = 64, dtype=torch.float32) -> torch.Tensor:
@@ -124,14 +133,15 @@ def test_rule_validation(kwargs, match):
 @settings(max_examples=10)
 @given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.1, 1.0, 10.0, 100.0]))
 def test_select_experts_reproduces_router(family, seed, scale):
-    rule, gates = _routers(family)
+    rule, gates = _routers(family, keep_bias=True)
     x = _inputs(seed, scale)
     with torch.no_grad():
         for gate in gates:
             logits, weights, indices = gate(x)
             # The tuple's first element is the raw pre-selection W_r·h.
             assert torch.equal(logits, torch.nn.functional.linear(x.float(), gate.weight.float()))
-            w, i = select_experts(logits, rule)
+            bias = getattr(gate, "e_score_correction_bias", None)
+            w, i = select_experts(logits, rule, score_bias=bias)
             assert torch.equal(i, indices)
             assert torch.equal(w, weights)
             assert w.dtype == weights.dtype

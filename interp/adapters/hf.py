@@ -239,7 +239,12 @@ class HFHookedModel(HookedModelBase):
             if slot == 0:  # edited logits: re-run the family's own selection rule
                 from interp.routing import select_experts
 
-                out[1], out[2] = select_experts(new, self.routing_rule)
+                rule = self.routing_rule
+                # DeepSeek-V3 selects on sigmoid scores plus a learned correction bias.
+                bias = getattr(router, "e_score_correction_bias", None)
+                out[1], out[2] = select_experts(
+                    new, rule, score_bias=bias if rule.scoring == "sigmoid" else None
+                )
                 out[1] = out[1].to(output[1].dtype)
             return tuple(out)
 

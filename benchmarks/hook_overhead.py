@@ -1,0 +1,133 @@
+"""Hook overhead on the embedded model: bare forward vs capturing ``hook_resid_post`` at
+every layer through interp, plain torch hooks, TransformerBridge ``run_with_cache`` and
+nnsight ``.save()``. Also: bytes stored by a one-position capture vs a full-sequence one.
+
+    python benchmarks/hook_overhead.py [--device cpu] [--rounds 40] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness
+
+import interp
+
+TARGET = 1.02
+NAMES = "blocks.*.hook_resid_post"
+
+
+def build_variants(model, ids, mask, bridge, nn_model):
+    hf = model.model
+    layers = hf.model.layers
+    stored: list = []
+
+    def bare():
+        return hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    def torch_hooks():
+        stored.clear()
+        handles = [
+            layer.register_forward_hook(lambda m, a, out: stored.append(out.detach()))
+            for layer in layers
+        ]
+        try:
+            return hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    def interp_capture():
+        return interp.capture(model, {"input_ids": ids, "attention_mask": mask}, NAMES)
+
+    variants = {"bare forward": bare, "torch hooks": torch_hooks, "interp capture": interp_capture}
+    if bridge is not None:
+        names = [n for n in bridge.hook_names if n.endswith("hook_resid_post")]
+
+        def bridge_cache():
+            return bridge.model.run_with_cache(ids, names_filter=names)
+
+        variants["TransformerBridge run_with_cache"] = bridge_cache
+    if nn_model is not None:
+        from nnsight_capture import nnsight_capture
+
+        variants["nnsight .save()"] = lambda: nnsight_capture(nn_model, ids, len(layers))
+    return variants
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--sizes", default="1x16,8x128")
+    p.add_argument("--no-peers", action="store_true", help="skip TransformerBridge and nnsight")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = interp.load("smollm2-135m-instruct", device=args.device)
+    bridge = nn_model = None
+    if not args.no_peers:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = interp.load(
+            TransformerBridge.boot_transformers(
+                "smollm2-135m-instruct",
+                hf_model=copy.deepcopy(model.model),
+                tokenizer=model.tokenizer,
+            )
+        )
+        try:
+            from nnsight import LanguageModel
+
+            nn_model = LanguageModel(model.model, tokenizer=model.tokenizer)
+        except ImportError:
+            nn_model = None
+    results: dict = {"machine": harness.machine_info(), "device": args.device, "sizes": {}}
+    rows = []
+    for size in args.sizes.split(","):
+        b, t = (int(x) for x in size.split("x"))
+        ids = torch.randint(
+            0, model.cfg.d_vocab, (b, t), generator=torch.Generator().manual_seed(0)
+        )
+        ids, mask = ids.to(args.device), torch.ones_like(ids, device=args.device)
+        variants = build_variants(model, ids, mask, bridge, nn_model)
+        rounds = args.rounds if b * t <= 256 else max(6, args.rounds // 5)
+        print(f"{size}: {len(variants)} variants × {rounds} interleaved rounds …", flush=True)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        with torch.no_grad():
+            res = harness.interleaved(variants, "bare forward", rounds=rounds, sync=sync)
+            full = interp.capture(model, ids, NAMES)
+            one = interp.capture(model, ids, NAMES, positions=-1)
+        nbytes = lambda c: sum(v.numel() * v.element_size() for v in c.values())  # noqa: E731
+        res["_memory"] = {
+            "full_bytes": nbytes(full),
+            "one_position_bytes": nbytes(one),
+            "ratio": nbytes(one) / nbytes(full),
+            "bound_1_over_T": 1 / t,
+        }
+        results["sizes"][size] = res
+        for name, r in res.items():
+            if not name.startswith("_"):
+                rows.append([size, name, f"{r['median_s'] * 1e3:.1f} ms", harness.fmt_ratio(r)])
+    ok = all(results["sizes"][s]["interp capture"]["ratio"] <= TARGET for s in results["sizes"])
+    results["target"] = {"interp_capture_max_ratio": TARGET, "met": ok}
+    print(harness.table(rows, ["batch×tokens", "variant", "median", "ratio to bare (min–max)"]))
+    for size, res in results["sizes"].items():
+        m = res["_memory"]
+        print(
+            f"{size}: one-position capture stores {m['ratio']:.4f} of the full cache (1/T = {m['bound_1_over_T']:.4f})"
+        )
+    print(f"target interp capture ≤ {TARGET}×: {'met' if ok else 'MISSED'}")
+    path = harness.write("hook_overhead", results, args.out)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
