@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning (spinning threads slow shared CPUs several-fold).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test lint bench docs clean
 
@@ -28,7 +30,9 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check interp tests examples benchmarks
-	$(PY) -m pytest -q
+	# Convert the embedded model once, before parallel test workers need it.
+	$(PY) -c "import interp; interp.load()" > /dev/null
+	$(PY) -m pytest -q -n 2
 
 lint: setup
 	$(PY) -m ruff check interp tests examples benchmarks

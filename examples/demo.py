@@ -53,12 +53,12 @@ def main(argv=None) -> None:
     mean = lambda t: t.mean(1)  # noqa: E731
     v = mean(acts[name])[0] - mean(acts[name])[1]
     plain = model.generate(batch, max_new_tokens=30, do_sample=False)
-    with model.hooks(fwd=[(name, add_direction(v, scale=4.0))]):
+    with model.hooks(fwd=[(name, add_direction(v, scale=1.0))]):
         steered = model.generate(batch, max_new_tokens=30, do_sample=False)
     n = batch.input_ids.shape[1]
     print(f"\n[steer] plain  : {model.tokenizer.decode(plain[0, n:], skip_special_tokens=True)!r}")
     print(
-        f"[steer] +4·v@{layer}: {model.tokenizer.decode(steered[0, n:], skip_special_tokens=True)!r}"
+        f"[steer] +v@{layer} : {model.tokenizer.decode(steered[0, n:], skip_special_tokens=True)!r}"
     )
 
     # 3. Gradients of the answer's loss w.r.t. the residual stream at pre_assistant.
