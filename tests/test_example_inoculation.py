@@ -1,0 +1,159 @@
+"""End-to-end run of examples/inoculation_gradients.py on a tiny random model (smallest settings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "inoculation_gradients", EXAMPLES / "inoculation_gradients.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while being built
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("inoculation_gradients", None)
+        sys.path.remove(str(EXAMPLES))
+
+
+def _has_train() -> bool:
+    try:
+        import peft  # noqa: F401
+
+        import interp.train  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SMALLEST = [
+    "--model", "tiny:qwen2",
+    "--quick",
+    "--per-domain", "1",
+    "--n-calib", "4",
+    "--n-train", "4",
+    "--n-eval", "3",
+    "--n-eval-general", "3",
+    "--gen-tokens", "4",
+    "--eval-tokens", "4",
+    "--n-random", "100",
+    "--n-boot", "50",
+    "--train-batch", "2",
+    "--epochs", "1",
+    "--align-every", "1",
+    "--n-align", "2",
+]  # fmt: skip
+
+
+def _numbers(obj, path="report"):
+    """Every numeric leaf of a JSON value, with its path."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, int | float):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def _finite_interval(ci):
+    return all(
+        isinstance(ci[k], float | int) and math.isfinite(ci[k]) for k in ("estimate", "low", "high")
+    )
+
+
+def test_study_runs_on_a_tiny_model(study, tmp_path):
+    train = _has_train()
+    out = tmp_path / "run"
+    code = study.main([*SMALLEST, "--out", str(out), "--train" if train else "--no-train"])
+    assert code == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok"
+    for key in (
+        "settings", "environment", "timings", "model", "layers", "prompts", "positions",
+        "smoke", "direction", "alignment", "training", "headline", "limitations", "plots",
+    ):  # fmt: skip
+        assert key in report, key
+    assert report["model"]["id"] == "tiny:qwen2"
+    layers = report["layers"]
+    assert layers == list(range(report["model"]["n_layers"]))  # 3 layers ≤ the 8-layer subset
+    assert report["seed"] == 0
+
+    # JSON holds no NaN/inf (they become null); every number present is finite.
+    for path, value in _numbers(report):
+        assert math.isfinite(value), path
+
+    smoke = report["smoke"]
+    assert smoke["pre_assistant_matches_generation_prompt"] is True
+    assert smoke["positions"]["user_end"] < smoke["positions"]["pre_assistant"]
+    assert smoke["stacked_shape"] == [len(layers), 1, report["model"]["d_model"]]
+
+    d = report["direction"]
+    assert d["n_fit"] == d["n_heldout"] == 12  # one prompt per domain in each half
+    assert len(d["separation"]["cohens_d"]) == len(layers)
+    assert all(_finite_interval(ci) for ci in d["separation"]["auroc"])
+    assert len(d["correlation_neutral_projection_vs_caps_token_logmass"]) == len(layers)
+
+    a = report["alignment"]
+    assert set(a["prompts"]) == {"neutral", "inoculation", "control"}
+    assert a["prompts"]["control"] in report["prompts"]["control_pool"]
+    assert a["loss_match"]["selected"] == a["loss_match"]["table"][0]["name"]
+    for pos in ("user_end", "pre_assistant", "assistant_1"):
+        per = a["positions"][pos]
+        for cond in ("neutral", "inoculation", "control"):
+            c = per["conditions"][cond]
+            assert len(c["cos"]) == len(layers)
+            assert all(-1 <= x <= 1 for x in c["cos"])
+            assert per["null"][cond]["n_directions"] == 100
+            assert math.isfinite(c["loss"])
+        for name in ("inoculation_vs_neutral", "inoculation_vs_control", "control_vs_neutral"):
+            assert _finite_interval(per["comparisons"][name]["layer_average"]["delta_cos"])
+
+    h = report["headline"]
+    assert h["position"] == "pre_assistant"
+    assert set(h["loss"]) == {"neutral", "inoculation", "control"}
+    assert _finite_interval(h["delta_cos_inoculation_vs_neutral"]["delta_cos"])
+    assert _finite_interval(h["delta_cos_inoculation_vs_control"]["delta_cos"])
+    assert isinstance(h["verdict"], str) and h["verdict"]
+    assert all(isinstance(x, str) for x in report["limitations"])
+
+    plots = {"cosine_vs_layer.png", "separation.png"}
+    if train:
+        t = report["training"]
+        assert len(t["runs"]) == 3  # 1 seed x 3 conditions
+        for run in t["runs"]:
+            for name in ("math", "general"):
+                assert len(run[name]["projection_shift_sd"]) == len(layers)
+                assert 0 <= run[name]["caps_after"] <= 1
+            assert run["alignment_during"]  # logged every step
+            assert run["base_restored_max_abs_logit_diff"] <= 1e-4
+        plots.add("alignment_vs_drift.png")
+    assert set(report["plots"]) == plots
+    for name in plots:
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "trait_direction.safetensors").is_file()
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_invalid_settings_exit_clearly(study, tmp_path):
+    with pytest.raises(SystemExit, match="n-random must be ≥ 100"):
+        study.main(["--model", "tiny:qwen2", "--quick", "--n-random", "10", "--out", str(tmp_path)])
