@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -252,7 +253,17 @@ def _dp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
 
 def test_data_parallel_two_processes_match_single_process(tmp_path):
     single = train(_sae(d_sae=64, k=2), _batches(n_batches=6, batch=32), **_DP_CFG)
-    mp.spawn(_dp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    # fork skips re-importing torch in the children (seconds each on a busy 2-core box);
+    # the workers drop to one intra-op thread first. Python ≥ 3.12 warns about fork in a
+    # multi-threaded process, so there we pay for spawn.
+    method = "fork" if sys.version_info < (3, 12) and sys.platform == "linux" else "spawn"
+    mp.start_processes(
+        _dp_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method=method,
+    )
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, p in single.sae.state_dict().items():
