@@ -242,7 +242,8 @@ def _dp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     try:
         global_batches = _batches(n_batches=6, batch=32)
         shard = [b.chunk(world)[rank] for b in global_batches]  # equal shards of each batch
-        result = train(_sae(d_sae=64, k=2), shard, **_DP_CFG)
+        # Rank 1 starts from another init: train must broadcast rank 0's parameters.
+        result = train(_sae(d_sae=64, k=2, seed=rank), shard, **_DP_CFG)
         torch.save(
             {"state": result.sae.state_dict(), "history": [list(m) for m in result.history]},
             os.path.join(out_dir, f"rank{rank}.pt"),

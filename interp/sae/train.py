@@ -28,7 +28,13 @@ Data parallel (``torchrun``): when ``torch.distributed`` is initialized, each ra
 passes its own shard of every global batch (equal sizes). Loss normalizers, dead-latent
 counters, metrics and the b_dec sample are global (all-reduce/all-gather) and gradients
 are summed, so every rank ends with the parameters single-process training on the
-global batches would give.
+global batches would give. Rank 0's initial parameters are broadcast, and only rank 0
+writes checkpoints. For example, with ``torchrun --nproc_per_node 2 fit.py``::
+
+    dist.init_process_group("gloo")          # "nccl" on GPUs
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shards = (batch.chunk(world)[rank] for batch in global_batches)
+    train(TopKSAE(576, 4608, 32), shards, TrainConfig(checkpoint_dir="ckpt"))
 """
 
 from __future__ import annotations
