@@ -369,7 +369,8 @@ def train(
     else:
         dp.broadcast_(sae)  # identical start on every rank
         state = _State(0, 0, torch.zeros(sae.d_sae, dtype=torch.long, device=device), [])
-    stream = itertools.islice(iter(batches), state.step, None)  # skip consumed batches
+    # Skip the batches a resumed run already consumed; never pull one past max_steps.
+    stream = itertools.islice(iter(batches), state.step, cfg.max_steps)
 
     bar = tqdm(
         total=cfg.max_steps,
@@ -380,8 +381,6 @@ def train(
     )
     try:
         for batch in stream:
-            if cfg.max_steps is not None and state.step >= cfg.max_steps:
-                break
             x = batch.to(device=device, dtype=torch.float32).reshape(-1, sae.d_in)
 
             if state.step == 0 and cfg.init_b_dec:
