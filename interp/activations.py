@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from interp.cache import ActivationCache
-from interp.hooks import HookPoint, resolve_names
+from interp.hooks import HookPoint
 from interp.positions import as_batch, selector
 
 __all__ = ["capture"]
@@ -51,7 +51,7 @@ def capture(
         a list, ``[n_selected, d]`` for a mask.
     """
     batch = as_batch(model, batch)
-    resolved = resolve_names(names, model.hook_names)
+    resolved = model.resolve(names)
     sel = selector(positions, batch, device=model.device)
     store: dict[str, Tensor] = {}
     convert = dtype is not None or device is not None

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.cache import ActivationCache
-from interp.hooks import HookPoint, resolve_names
+from interp.hooks import HookPoint
 from interp.positions import Batch, as_batch, selector
 
 __all__ = ["GradientCapture", "capture_grads"]
@@ -61,7 +61,7 @@ def capture_grads(
     backward pass, returned as they are). ``positions`` as in ``capture``.
     """
     batch = as_batch(model, batch)
-    resolved = resolve_names(names, model.hook_names)
+    resolved = model.resolve(names)
     if "hook_embed" not in model.hook_names:
         raise ValueError("capture_grads needs a 'hook_embed' hook point on the model")
     sel = selector(positions, batch, device=model.device)

@@ -176,6 +176,8 @@ class HookedModel(Protocol):
     @property
     def hook_names(self) -> tuple[str, ...]: ...
 
+    def resolve(self, names: str | Iterable[str]) -> list[str]: ...
+
     def hooks(
         self, fwd: Iterable[HookSpec] = (), bwd: Iterable[HookSpec] = ()
     ) -> contextlib.AbstractContextManager[HookedModel]: ...
@@ -220,8 +222,25 @@ class HookedModelBase:
                     f"{kind} hooks must be (name, fn) pairs with fn(tensor, hook); got {spec!r}"
                 )
             name, fn = spec
-            out.extend((n, fn) for n in resolve_names(name, self._hook_names))
+            out.extend((n, fn) for n in self._resolve(name))
         return out
+
+    def _resolve(self, pattern: str) -> list[str]:
+        # Patterns repeat call after call (capture in a loop); resolve each once per model.
+        cache = self.__dict__.setdefault("_resolved", {})
+        names = cache.get(pattern) if isinstance(pattern, str) else None
+        if names is None:
+            names = resolve_names(pattern, self._hook_names)
+            if isinstance(pattern, str):
+                cache[pattern] = names
+        return names
+
+    def resolve(self, names: str | Iterable[str]) -> list[str]:
+        """Expand names/glob patterns to concrete hook names, in model order."""
+        if isinstance(names, str):
+            return self._resolve(names)
+        wanted = {n for pattern in names for n in self._resolve(pattern)}
+        return [n for n in self._hook_names if n in wanted]
 
     @contextlib.contextmanager
     def hooks(self, fwd: Iterable[Any] = (), bwd: Iterable[Any] = ()) -> Iterator[HookedModelBase]:
