@@ -62,9 +62,11 @@ __all__ = [
 
 ArrayLike = Tensor | np.ndarray | Sequence[Any]
 
-# A <script src=...> or an ES import/import() of an absolute or protocol-relative URL.
+# A <script src=...>, a stylesheet <link href=...>, or an ES import/import() of an absolute
+# or protocol-relative URL.
 _REMOTE_SCRIPT = re.compile(
     r"""<script\b[^>]*\bsrc\s*=\s*["']?\s*(?:https?:)?//"""
+    r"""|<link\b[^>]*\bhref\s*=\s*["']?\s*(?:https?:)?//"""
     r"""|\bimport\b[^;<>]{0,300}?\bfrom\s*["']\s*(?:https?:)?//"""
     r"""|\bimport\s*\(\s*["']\s*(?:https?:)?//""",
     re.IGNORECASE,
@@ -117,7 +119,7 @@ def _document(fragments: Sequence[str], title: str) -> str:
 
 
 def assert_self_contained(html: str) -> None:
-    """Raise ``ValueError`` if ``html`` loads a script from a remote URL (http(s) or ``//``)."""
+    """Raise ``ValueError`` if ``html`` loads a script (or a stylesheet) from a remote URL."""
     m = _REMOTE_SCRIPT.search(html)
     if m is not None:
         start = max(0, m.start() - 40)
@@ -209,8 +211,11 @@ def token_values_html(
             ``[pos, n]`` / a mapping ``label -> [pos]`` — ``n`` named series with a
             selector, hovering a token lists all its values (``ColoredTokensMulti``).
         labels: names of the ``n`` series of a ``[pos, n]`` tensor.
-        min_value, max_value, negative_color, positive_color: color scale of the
-            single-series render (defaults: symmetric around 0, red / blue).
+        min_value: lower end of the color scale of a single series (default: symmetric
+            around 0).
+        max_value: upper end of the color scale of a single series.
+        negative_color: CSS color of negative values (single series; default red).
+        positive_color: CSS color of positive values (single series; default blue).
     """
     if isinstance(values, Mapping):
         if labels is not None:

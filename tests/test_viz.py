@@ -79,8 +79,15 @@ def test_cdn_render_is_refused(tmp_path):
     with pytest.raises(ValueError, match="remote script"):
         viz.save_html(rendered.cdn_src, tmp_path / "cdn.html")
     assert not (tmp_path / "cdn.html").exists()
-    with pytest.raises(ValueError, match="remote script"):
-        viz.assert_self_contained('<script src="//cdn.example/x.js"></script>')
+    for remote in (
+        '<script src="//cdn.example/x.js"></script>',
+        "<SCRIPT type=module src='https://cdn.example/x.js'></SCRIPT>",
+        '<script type="module">const m = await import("https://a.b/c.js")</script>',
+        '<link rel="stylesheet" href="https://cdn.example/x.css">',
+    ):
+        with pytest.raises(ValueError, match="remote script"):
+            viz.assert_self_contained(remote)
+    viz.assert_self_contained('<a href="https://example.com">a link is fine</a>')
     # A circuitsvis RenderedHTML itself is saved through its inlined variant.
     page = viz.save_html(rendered, tmp_path / "local.html").read_text(encoding="utf-8")
     viz.assert_self_contained(page)
