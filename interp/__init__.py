@@ -28,6 +28,7 @@ _SUBMODULES = {
     "models",
     "moe",
     "positions",
+    "probes",
     "routing",
     "sae",
     "spans",

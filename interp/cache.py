@@ -20,19 +20,32 @@ _LAYER = re.compile(r"blocks\.(\d+)\.")
 
 
 def atomic_write(path: str | Path, write) -> Path:
-    """Write a file through ``write(tmp_path)`` then rename it into place (never half-written)."""
+    """Write a file through ``write(tmp_path)``, flush it to disk, then rename it into place.
+
+    Readers see the old file or the new one, never half of one; the one helper every
+    writer in ``interp`` uses.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class ActivationCache(Mapping[str, Tensor]):

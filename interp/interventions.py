@@ -4,7 +4,7 @@ They compose (``compose(a, b)``), work on any backend, and work inside
 ``generate``: ``positions`` index the tokens of the current forward call
 (``None`` = every position, which is what steering during generation wants).
 
-    v = direction.unit[layer]
+    v = direction.vector(layer)
     with model.hooks(fwd=[(f"blocks.{layer}.hook_resid_post", add_direction(v, 4.0))]):
         out = model.generate(batch, max_new_tokens=20)
 """

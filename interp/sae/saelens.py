@@ -24,8 +24,6 @@ normalization, ``hook_z`` reshaping, whitening) are rejected with a clear messag
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from interp.cache import atomic_write
 from interp.sae.model import TopKSAE
 
 __all__ = [
@@ -50,18 +49,6 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 # SAELens reads configs without a version ≥ 6 through its pre-6.0 compatibility path.
 _FORMAT_VERSION = "6.0.0"
 _RUNTIME_NORMALIZATIONS_OK = ("none", "expected_average_only_in")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` then ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _saelens_version() -> str:
@@ -101,9 +88,9 @@ def save_saelens(sae: TopKSAE, path: str | Path) -> Path:
         name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous()
         for name in ("W_enc", "W_dec", "b_enc", "b_dec")
     }
-    _atomic_write(path / SAE_WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path / SAE_WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
     text = json.dumps(saelens_cfg_dict(sae), indent=2)
-    _atomic_write(path / SAE_CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / SAE_CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

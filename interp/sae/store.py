@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from interp.cache import atomic_write
 
 __all__ = ["ActivationStore", "CachedActivations", "cache_activations"]
 
@@ -220,23 +221,12 @@ class ActivationStore:
 Format = Literal["safetensors", "npy"]
 
 
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_shard(path: Path, rows: Tensor, fmt: Format) -> None:
     rows = rows.contiguous()
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        _atomic(path, lambda tmp: save_file({"activations": rows}, tmp))
+        atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
     else:
         # numpy has no bfloat16: store its bits as int16 and record the dtype in meta.json.
         array = rows.view(torch.int16).numpy() if rows.dtype == torch.bfloat16 else rows.numpy()
@@ -245,7 +235,7 @@ def _write_shard(path: Path, rows: Tensor, fmt: Format) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, array)
 
-        _atomic(path, write)
+        atomic_write(path, write)
 
 
 def cache_activations(
@@ -309,7 +299,7 @@ def cache_activations(
         "shards": shards,
         "metadata": metadata or {},
     }
-    _atomic(out / _META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out / _META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out
 
 

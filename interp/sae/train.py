@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from interp.cache import atomic_write
 from interp.sae.model import TopKSAE
 
 __all__ = [
@@ -222,14 +221,7 @@ class _DataParallel:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 @dataclass
