@@ -164,6 +164,13 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot put {type(obj).__name__} into a JSON report")
 
 
+def _umask_mode() -> int:
+    # mkstemp creates files readable by the owner only; give outputs the usual permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``jsonable(obj)`` to ``path`` atomically (temp file in the same folder + rename)."""
     path = Path(path)
@@ -175,6 +182,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -187,7 +195,8 @@ class Report(dict):
     """The study's ``report.json``: a dict saved atomically, with per-step timings.
 
     ``with report.step("name"):`` times a step into ``report["timings"]``
-    and saves the report when the step ends, so a crash keeps every finished
+    (``name_s`` wall seconds, ``name_cpu_s`` CPU seconds of all threads) and
+    saves the report when the step ends, so a crash keeps every finished
     step's numbers.
     """
 
@@ -196,20 +205,23 @@ class Report(dict):
         self.out = Path(out)
         self.path = self.out / "report.json"
         self["timings"] = {}
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
     def save(self) -> Path:
         self["timings"]["total_s"] = round(time.perf_counter() - self._t0, 2)
+        self["timings"]["total_cpu_s"] = round(time.process_time() - self._cpu0, 2)
         return write_json(self.path, self)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         log(f"== {name}")
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self["timings"][f"{name}_s"] = round(time.perf_counter() - t, 2)
+            # CPU seconds over all threads: unlike wall time, barely affected by other load.
+            self["timings"][f"{name}_cpu_s"] = round(time.process_time() - cpu, 2)
             self.save()
         log(f"== {name} done in {self['timings'][f'{name}_s']:.1f}s")
 
@@ -234,6 +246,7 @@ def savefig(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -128,7 +128,7 @@ QUICK = Settings(
     batch_size=16,
     train=True,
     n_seeds=1,
-    n_train=32,
+    n_train=48,
     epochs=1,
     train_batch=8,
     lr=3e-3,
@@ -956,7 +956,9 @@ def plot_alignment(section: dict[str, Any], out: Path) -> Path:
     plt = C.pyplot()
     head = section["positions"][HEADLINE_POSITION]
     layers = head["conditions"]["neutral"]["layers"]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [3, 3, 2]})
+    fig, ax = plt.subplots(
+        1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [3, 3, 2]}, layout="constrained"
+    )
     for i, cond in enumerate(CONDITIONS):
         c = head["conditions"][cond]
         est, err = _err(c["cos_ci"])
@@ -970,7 +972,8 @@ def plot_alignment(section: dict[str, Any], out: Path) -> Path:
     ax[0].set(
         xlabel="layer",
         ylabel="mean cos(∂L/∂h, v_trait)",
-        title="Gradient alignment at pre_assistant\n(< 0: descent pushes towards ALL-CAPS; bands: random directions)",
+        title="Gradient alignment at pre_assistant (bands: random directions)\n"
+        "< 0: a descent step pushes towards ALL-CAPS",
     )
     ax[0].legend(fontsize=8)
     for i, name in enumerate(("inoculation_vs_neutral", "inoculation_vs_control")):
@@ -993,7 +996,7 @@ def plot_alignment(section: dict[str, Any], out: Path) -> Path:
     ax[1].set(
         xlabel="layer",
         ylabel="Δ mean cos",
-        title="Change in alignment (> 0: less push towards the trait)",
+        title="Change in mean cos (bands: random directions)\n> 0: less push towards the trait",
     )
     ax[1].legend(fontsize=8)
     table = section["loss_match"]["table"]
@@ -1023,7 +1026,7 @@ def plot_direction(section: dict[str, Any], pd: dict[str, Any], out: Path) -> Pa
     plt = C.pyplot()
     layers = section["layers"]
     sep = section["separation"]
-    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4.2), layout="constrained")
     est, err = _err(sep["cohens_d"])
     ax[0].errorbar(layers, est, yerr=err, marker="o", ms=4, capsize=2)
     ax[0].axhline(0, color="k", lw=0.6)
@@ -1050,7 +1053,7 @@ def plot_direction(section: dict[str, Any], pd: dict[str, Any], out: Path) -> Pa
 def plot_training(section: dict[str, Any], layers: Sequence[int], out: Path) -> Path:
     plt = C.pyplot()
     runs = section["runs"]
-    fig, ax = plt.subplots(1, 3, figsize=(17, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.4), layout="constrained")
     markers = {"math": ("o", "held-out math"), "general": ("^", "held-out general")}
     for cond in CONDITIONS:
         mine = [r for r in runs if r["condition"] == cond]
@@ -1080,9 +1083,10 @@ def plot_training(section: dict[str, Any], layers: Sequence[int], out: Path) -> 
     ax[0].set(
         xlabel="mean cos(∂L/∂h, v) over layers (training prompt)",
         ylabel="caps drift under the neutral prompt",
-        title=f"Alignment vs drift (n = {len(runs)} runs; r math {r['math']:.2f}, "
+        title=f"Alignment vs drift, n = {len(runs)} runs\n(r: math {r['math']:.2f}, "
         f"general {r['general']:.2f})",
     )
+    ax[0].xaxis.set_major_locator(plt.MaxNLocator(5))
     ax[0].legend(fontsize=7)
     ax[1].axhline(0, color="k", lw=0.6)
     ax[1].set(
