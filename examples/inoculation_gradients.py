@@ -1223,6 +1223,25 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             " Note: even under the neutral prompt the gradient does not reliably push towards the "
             "trait direction, so the direction may not capture what the ALL-CAPS answers teach."
         )
+    if "caps_drift" in out:
+        g = out["caps_drift"]["general"]
+        n_seeds = len(tr["config"]["seeds"])
+        behaviour = (
+            f" Behaviour ({n_seeds} seed(s)): after fine-tuning on ALL-CAPS answers, the caps "
+            f"fraction of replies to general questions under the neutral prompt rose by "
+            f"{g['neutral']:+.2f} (neutral training prompt), {g['inoculation']:+.2f} (inoculation) "
+            f"and {g['control']:+.2f} (loss-matched control)"
+        )
+        if g["inoculation"] < min(g["neutral"], g["control"]):
+            behaviour += (
+                ": the behavioural inoculation effect is present even though the gradient "
+                "alignment at pre_assistant does not explain it."
+                if not criteria["1_less_push_than_neutral"]
+                else ": the behavioural inoculation effect is present."
+            )
+        else:
+            behaviour += ": no behavioural inoculation effect."
+        verdict += behaviour
     out["verdict"] = verdict
     return out
 
@@ -1235,8 +1254,10 @@ def limitations(report: dict[str, Any], s: Settings) -> list[str]:
     items = [
         f"Model size: {report['model']['id']} has {report['model']['n_layers']} layers and "
         f"d_model {report['model']['d_model']}. Inoculation prompting has been shown on much larger "
-        "instruct models; a small model may not read an explanatory system prompt as context at "
-        "all, so a null here does not refute the mechanism for larger models.",
+        "instruct models. A small model can still show the behavioural effect (see "
+        "training.by_condition) while its gradients, measured at one position against a direction "
+        "read off system-prompt instructions, say little about why; a null for the gradient "
+        "rotation here does not refute the mechanism for larger models.",
         f"Does the model express the trait when asked? The caps fraction of its greedy replies is "
         f"{caps['promote']['estimate']:.3f} under 'write in capitals' prompts vs "
         f"{caps['neutral']['estimate']:.3f} under the neutral prompt. If these are close, the "
