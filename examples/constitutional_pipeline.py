@@ -888,6 +888,8 @@ def stage_select(ctx: Context) -> dict[str, Any]:
             "lower --min-digit-mass if the critic spreads little mass on the digits"
         )
     ctx.report["select"] = info
+    if scored:
+        plot_candidate_scores(ctx, scored)
     return info
 
 
@@ -1368,6 +1370,30 @@ def cached_activations(ctx: Context, usable: Sequence[dict[str, Any]]) -> torch.
     return torch.stack([done[k] for k in keys])
 
 
+def type_baseline_auroc(
+    types: Sequence[str], y: torch.Tensor, folds: Sequence[torch.Tensor]
+) -> float:
+    """Out-of-fold AUROC of scoring candidates by their prompt type's training positive rate."""
+    from interp.stats import auroc
+
+    scores = torch.full((len(types),), float("nan"), dtype=torch.float64)
+    for test in folds:
+        train = torch.ones(len(types), dtype=torch.bool)
+        train[test] = False
+        rate = {
+            t: float(
+                y[[i for i in range(len(types)) if train[i] and types[i] == t]].double().mean()
+            )
+            for t in set(types)
+            if any(train[i] and types[i] == t for i in range(len(types)))
+        }
+        for i in test.tolist():
+            scores[i] = rate.get(types[i], 0.5)
+    ok = ~scores.isnan()
+    pos, neg = scores[ok & y], scores[ok & ~y]
+    return auroc(pos, neg) if pos.numel() and neg.numel() else float("nan")
+
+
 def stage_probe(ctx: Context) -> dict[str, Any]:
     from interp.probes import cross_val_proba, fit_probe, group_folds, probe_layers
     from interp.stats import auroc
@@ -1477,6 +1503,11 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
             "spearman_proba_vs_critic_score": spearman(oof.tolist(), crit_scores.tolist()),
             "n": int(ok.sum()),
         },
+        prompt_type_baseline={
+            "auroc": type_baseline_auroc([r["type"] for r in usable], y, folds),
+            "note": "AUROC of predicting each held-out candidate's label by the positive rate of "
+            "its prompt type in the training folds: how much the prompt type alone explains",
+        },
         response_length_baseline={
             "auroc": auroc(lengths[labels], lengths[~labels]),
             "note": "AUROC of the response's token count for the same labels: how much a "
@@ -1539,16 +1570,39 @@ def command_classify(ctx: Context) -> dict[str, Any]:
 def plot_eval_hist(ctx: Context, ok_pairs: Sequence[dict[str, Any]]) -> None:
     plt = C.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = [1 + 0.25 * i for i in range(17)]
-    for arm, color in (("baseline", "tab:gray"), ("finetuned", "tab:blue")):
+    bins = [1 + 0.1 * i for i in range(41)]
+    for arm, color, style in (("baseline", "tab:gray", "-"), ("finetuned", "tab:blue", "--")):
         xs = [p[arm]["score"] for p in ok_pairs]
-        ax.hist(xs, bins=bins, alpha=0.6, color=color, label=f"{arm} (mean {_mean(xs):.2f})")
+        ax.hist(
+            xs,
+            bins=bins,
+            histtype="step",
+            lw=2,
+            ls=style,
+            color=color,
+            label=f"{arm} (mean {_mean(xs):.3f}, n={len(xs)})",
+        )
     ax.axvline(ctx.s["safe_threshold"], color="k", ls="--", lw=1, label="safe threshold")
     ax.set_xlabel("critic score (probability-weighted mean of 1..5)")
     ax.set_ylabel("held-out prompts")
     ax.set_title("Held-out responses: baseline vs fine-tuned")
     ax.legend(fontsize=8)
     C.savefig(fig, ctx.path("eval_score_hist.png"))
+
+
+def plot_candidate_scores(ctx: Context, scored: Sequence[dict[str, Any]]) -> None:
+    plt = C.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = [1 + 0.1 * i for i in range(41)]
+    for kind in sorted({r["type"] for r in scored}):
+        xs = [r["score"] for r in scored if r["type"] == kind]
+        ax.hist(xs, bins=bins, histtype="step", lw=2, label=f"{kind} (mean {_mean(xs):.2f})")
+    ax.axvline(ctx.s["safe_threshold"], color="k", ls="--", lw=1, label="safe threshold")
+    ax.set_xlabel("critic score (probability-weighted mean of 1..5)")
+    ax.set_ylabel("candidates")
+    ax.set_title("Generated candidates by prompt type")
+    ax.legend(fontsize=8)
+    C.savefig(fig, ctx.path("candidate_scores.png"))
 
 
 def plot_probe(ctx: Context, info: dict[str, Any]) -> None:
@@ -1712,6 +1766,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             "best_layer": pr["best_layer"],
             "auroc": pr["best_auroc"],
             "shuffled_labels_max_auroc": pr["permutation_control"]["max_auroc"],
+            "prompt_type_auroc": pr["prompt_type_baseline"]["auroc"],
             "response_length_auroc": pr["response_length_baseline"]["auroc"],
         }
     elif pr.get("status"):

@@ -137,6 +137,7 @@ def test_every_stage_with_resume(cp, inputs, tmp_path, capsys):
         "cooperative",
     }
     assert {"mean_score", "std", "safe_rate"} <= set(metrics)
+    assert (out / "candidate_scores.png").exists()
 
     # build-sft: a random critic scores nothing ≥ 4, so the reported fallback kicks in.
     assert cp.main(small(inputs, out, "build-sft")) == 0
@@ -175,6 +176,8 @@ def test_every_stage_with_resume(cp, inputs, tmp_path, capsys):
     assert pr["labels"]["rule"] == "median" and "single_class" in pr["labels"]
     assert pr["status"] == "ok" and len(pr["per_layer"]) == 3  # tiny llama has 3 layers
     assert 0.0 <= pr["best_auroc"]["estimate"] <= 1.0
+    for control in ("permutation_control", "prompt_type_baseline", "response_length_baseline"):
+        assert control in pr
     assert (out / "probe" / "best_probe.safetensors").exists()
     assert (out / "probe_auroc.png").exists()
 
