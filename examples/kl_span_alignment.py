@@ -756,6 +756,9 @@ def _vectors(analyses: Sequence[dict[str, Any]], judged: bool) -> dict[str, torc
         "option_echo": t(
             [sum(s.get("option_echo", False) for s in a["sentences"]) for a in analyses]
         ),
+        # Sentences that name a group and are not bare option lines, and those flagged.
+        "group_reasoning": t([_count_sent(a, "names_group", True) for a in analyses]),
+        "flagged_reasoning": t([_count_sent(a, "flagged", True) for a in analyses]),
         "reasoning_chars": t([a.get("reasoning_chars", 0) for a in analyses]),
         "judge_sum": t(
             [
@@ -764,6 +767,13 @@ def _vectors(analyses: Sequence[dict[str, Any]], judged: bool) -> dict[str, torc
             ]
         ),
     }
+
+
+def _count_sent(a: dict[str, Any], key: str, skip_echo: bool = False) -> int:
+    return sum(
+        bool(s.get(key, False)) and not (skip_echo and s.get("option_echo", False))
+        for s in a["sentences"]
+    )
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
@@ -795,7 +805,10 @@ METRICS: dict[str, tuple[str, Callable[[dict[str, torch.Tensor]], float]]] = {
     "items_with_flagged_sentence": ("all", lambda v: float(v["any_flagged"].mean())),
     # Controls: a drop in flagged sentences means little if the reasoning stopped naming
     # groups or collapsed into option lists.
-    "flagged_among_group_mentions": ("all", lambda v: _ratio(v["flagged"], v["names_group"])),
+    "flagged_among_group_mentions": (
+        "all",
+        lambda v: _ratio(v["flagged_reasoning"], v["group_reasoning"]),
+    ),
     "group_mention_fraction": ("all", lambda v: _ratio(v["names_group"], v["sentences"])),
     "option_echo_fraction": ("all", lambda v: _ratio(v["option_echo"], v["sentences"])),
     "mean_sentences": ("all", lambda v: float(v["sentences"].mean())),
@@ -948,24 +961,10 @@ def plot_accuracy_bias(path: Path, metrics: dict[str, Any]) -> Path:
         ),
     ]
     for ax, names, ticks, ylabel in groups:
-        for j, (who, color) in enumerate((("base", "tab:blue"), ("tuned", "tab:orange"))):
-            xs, ys, lo, hi = [], [], [], []
-            for i, n in enumerate(names):
-                m = metrics.get(n, {})
-                v, ci = m.get(who), m.get(f"{who}_ci")
-                if v is None:
-                    continue
-                xs.append(i + (j - 0.5) * 0.38)
-                ys.append(v)
-                low = ci["low"] if ci and ci["low"] is not None else v
-                high = ci["high"] if ci and ci["high"] is not None else v
-                lo.append(max(0.0, v - low))
-                hi.append(max(0.0, high - v))
-            if xs:
-                ax.bar(xs, ys, width=0.36, color=color, label=who, yerr=[lo, hi], capsize=3)
+        _bars(ax, metrics, names)
         ax.set_xticks(range(len(names)), ticks)
         ax.set_ylabel(ylabel)
-        ax.axhline(0, color="k", lw=0.6)
+    fig.subplots_adjust(wspace=0.3)
     axes[0].set_ylim(0, 1)
     axes[1].set_ylim(-1, 1)
     axes[0].legend(loc="upper left", fontsize=8)
@@ -973,10 +972,72 @@ def plot_accuracy_bias(path: Path, metrics: dict[str, Any]) -> Path:
     return _common.savefig(fig, path)
 
 
+REASONING_PANEL = (
+    ("flagged_sentence_fraction", "flagged\nsentences"),
+    ("flagged_among_group_mentions", "flagged among\ngroup mentions"),
+    ("group_mention_fraction", "sentences\nnaming a group"),
+    ("option_echo_fraction", "option-list\nsentences"),
+)
+
+
+def _bars(ax, metrics: dict[str, Any], names: Sequence[str]) -> None:
+    """Base and tuned bars with their 95% intervals and values."""
+    for j, (who, color) in enumerate((("base", "tab:blue"), ("tuned", "tab:orange"))):
+        xs, ys, lo, hi = [], [], [], []
+        for i, n in enumerate(names):
+            m = metrics.get(n, {})
+            v, ci = m.get(who), m.get(f"{who}_ci")
+            if v is None:
+                continue
+            xs.append(i + (j - 0.5) * 0.38)
+            ys.append(v)
+            low = ci["low"] if ci and ci["low"] is not None else v
+            high = ci["high"] if ci and ci["high"] is not None else v
+            lo.append(max(0.0, v - low))
+            hi.append(max(0.0, high - v))
+        if xs:
+            ax.bar(xs, ys, width=0.36, color=color, label=who, yerr=[lo, hi], capsize=3)
+            for x, y in zip(xs, ys, strict=True):  # values at the bar's foot, clear of CIs
+                ax.annotate(
+                    f"{y:.2f}",
+                    (x, 0),
+                    ha="center",
+                    va="bottom" if y >= 0 else "top",
+                    fontsize=7,
+                    xytext=(0, 2 if y >= 0 else -2),
+                    textcoords="offset points",
+                )
+    ax.axhline(0, color="k", lw=0.6)
+
+
+def plot_reasoning(path: Path, metrics: dict[str, Any], training: dict[str, Any]) -> Path:
+    """The reasoning metrics and their controls, base vs tuned (the page's figure)."""
+    plt = _common.pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    names = [n for n, _ in REASONING_PANEL]
+    _bars(ax, metrics, names)
+    ax.set_xticks(range(len(names)), [label for _, label in REASONING_PANEL], fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("fraction of reasoning sentences")
+    ax.legend(loc="upper left", fontsize=8)
+    ho = training.get("kl_heldout_pairs") or {}
+    kl = ""
+    if ho.get("after_mean") is not None:
+        kl = f"; held-out KL(P_s||P_o) {ho['before_mean']:.2f} -> {ho['after_mean']:.2f} nats"
+    ax.set_title(f"Held-out reasoning, base vs KL-span-tuned (95% CIs){kl}", fontsize=9)
+    return _common.savefig(fig, path)
+
+
 def plot_loss(path: Path, losses: Sequence[float]) -> Path:
     plt = _common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(range(1, len(losses) + 1), losses, marker=".")
+    steps = list(range(1, len(losses) + 1))
+    ax.plot(steps, losses, marker=".", lw=0.8, label="per step")
+    k = min(5, len(losses))
+    smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+              for i in range(len(losses))]  # fmt: skip
+    ax.plot(steps, smooth, lw=2, label=f"mean of last {k}")
+    ax.legend(fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("KL(P_s || P_o) (nats)")
     ax.set_title("KL span loss on training pairs")
@@ -1134,6 +1195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             "accuracy_bias": plot_accuracy_bias(out / "accuracy_bias.png", metrics),
         }
+        if tuned is not None:
+            plots["reasoning"] = plot_reasoning(out / "reasoning.png", metrics, training)
         if training.get("losses"):
             plots["train_loss"] = plot_loss(out / "train_loss.png", training["losses"])
         report["plots"] = {k: v.name for k, v in plots.items()}
