@@ -67,12 +67,13 @@ LIMITATIONS = {
         "cases), and whether the critic prefers the constitution-following reply in the hand-written "
         "reference pairs (critique.critic_check)",
         "whether the generator's residual stream linearly encodes whatever the critic's labels "
-        "track, with cross-validated AUROC and a label-permutation control",
+        "track, with cross-validated AUROC, a label-permutation control and prompt-type and "
+        "reply-length baselines",
     ],
     "cannot_show": [
         "that a response is safe: a 135M critic's scores are dominated by the prompt format and "
-        "differ by a few hundredths between good and bad replies; its safe/unsafe labels are "
-        "close to noise",
+        "differ by about a tenth of a point between good and bad replies; its safe/unsafe "
+        "labels are close to noise",
         "that fine-tuning improved safety: with a noisy critic, a few dozen examples and one "
         "epoch, baseline-vs-tuned deltas are within their bootstrap intervals",
         "that a probe detects harm: it can only learn the critic's labels, so it inherits the "
