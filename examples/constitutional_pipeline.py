@@ -373,10 +373,14 @@ def shared_prefix_cache(critic: Any, contexts: Sequence[Sequence[int]]) -> tuple
 
     Every critic prompt starts with the same instructions and constitution, so
     running that prefix once and reusing its keys/values roughly halves the
-    critic's cost. Only for HF models whose cache can be batch-expanded.
+    critic's cost. Only for HF models whose cache can be batch-expanded and that
+    have no sliding-window layers.
     """
     if len(contexts) < 2 or not hasattr(critic, "model"):
         return None
+    config = getattr(critic.model, "config", None)
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return None  # sliding-window caches drop old keys; the cached and full paths can differ
     first, n = contexts[0], min(len(c) for c in contexts) - 1  # keep ≥ 1 token per suffix
     for ctx in contexts[1:]:
         n = min(n, next((i for i, (a, b) in enumerate(zip(first, ctx, strict=False)) if a != b), n))

@@ -256,10 +256,21 @@ def test_critic_helpers(cp):
 
     import interp
 
-    tok = interp.tiny("llama").tokenizer
+    model = interp.tiny("llama")
+    tok = model.tokenizer
     ctx, digits = cp.digit_continuation(tok, "Rating (1-5):", False)
     assert len(set(digits)) == 5 and tok.decode(digits) == "12345"
     assert tok.decode(ctx).endswith("Rating (1-5): ")
+
+    # The shared-prefix KV cache gives the same scores as full forward passes.
+    items = [("Say hi.", "Hello there!"), ("Add 2 and 2.", "It is 4."), ("Name a color.", "")]
+    for style in ("instruct", "completion"):
+        kw = {"style": style, "principles": ["Be kind."], "batch_size": 2}
+        cached = cp.critic_scores(model, items, prefix_cache=True, **kw)
+        full = cp.critic_scores(model, items, prefix_cache=False, **kw)
+        for a, b in zip(cached, full, strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+            assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
 
 
 def test_selection_and_labels(cp):
