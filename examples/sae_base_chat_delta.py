@@ -692,12 +692,27 @@ def main(argv: list[str] | None = None) -> int:
             def effect(features: list[int], hook=hook) -> Tensor:
                 return sentence_losses(chat, texts, s, [(hook, hook_for(features))]) - clean
 
+            # Token-level firing rate of each latent on the chat model (the SAE was trained on
+            # pooled sentences; the splice acts per token).
+            fired, n_tok = torch.zeros(sae.d_sae), 0
+            for i in range(0, len(texts), s.batch_size):
+                batch = encode(chat, texts[i : i + s.batch_size], s)
+                with torch.no_grad():
+                    cache = interp.capture(
+                        chat, batch, [hook], positions=batch["attention_mask"].bool(), device="cpu"
+                    )
+                z = dense(sae, cache[hook].float() / sc)
+                fired += (z > 0).float().sum(0)
+                n_tok += z.shape[0]
+            token_rate = fired / max(1, n_tok)
+
             e_top = effect(top)
-            rnd = []
+            rnd, rnd_rates = [], []
             for _ in range(s.n_random):
                 feats_r = gen.sample(pool, min(len(top), len(pool)))
                 e = effect(feats_r)
                 rnd.append({gname: float(e[idx].mean()) for gname, idx in idx_by_set.items()})
+                rnd_rates.append(float(token_rate[feats_r].mean()))
             res = {
                 "features": top,
                 "top": {
@@ -707,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
                     for gname, idx in idx_by_set.items()
                 },
                 "random": rnd,
+                "token_fire_rate": {
+                    "top_mean": float(token_rate[top].mean()),
+                    "random_mean_per_set": rnd_rates,
+                },
             }
             ctl = idx_by_set["control_english"] + idx_by_set["control_hindi"]
             spec_top = float(e_top[idx_by_set["cultural"]].mean() - e_top[ctl].mean())

@@ -101,6 +101,8 @@ def test_study_runs_on_a_tiny_model(study, tmp_path):
     mid = str(report["headline"]["mid_layer"])
     causal = report["causal"]["layers"][mid]
     assert len(causal["features"]) == 2 and len(causal["random"]) == 2
+    rates = causal["token_fire_rate"]
+    assert 0 <= rates["top_mean"] <= 1 and len(rates["random_mean_per_set"]) == 2
     for g in ("cultural", "control_english", "control_hindi"):
         assert math.isfinite(causal["top"][g]["estimate"])
     assert isinstance(report["headline"]["causal_top_more_cultural_specific_than_all_random"], bool)
