@@ -90,12 +90,12 @@ class Settings:
 
 
 QUICK = Settings(
-    n_per_set=40,
+    n_per_set=32,
     batch_size=16,
     max_length=48,
     sae_mult=2.0,
     k=16,
-    sae_steps=300,
+    sae_steps=200,
     sae_batch=32,
     sae_lr=1e-3,
     heldout_frac=0.2,
@@ -105,27 +105,28 @@ QUICK = Settings(
     n_html=4,
     n_clusters=4,
     n_causal=8,
-    n_random=4,
+    n_random=2,
     causal_layers="mid",
-    lora_epochs=3,
-    lora_lr=1e-3,
+    lora_epochs=1,
+    lora_lr=2e-3,
     lora_r=8,
 )
 FULL = dataclasses.replace(
     QUICK,
     n_per_set=60,
+    sae_steps=1500,
+    n_random=10,
+    lora_epochs=5,
+    lora_lr=1e-3,
     sae_mult=4.0,
     k=32,
-    sae_steps=1500,
     n_boot=1000,
     n_ci=25,
     top_examples=8,
     n_html=10,
     n_clusters=8,
     n_causal=16,
-    n_random=10,
     causal_layers="all",
-    lora_epochs=5,
 )
 
 
