@@ -157,3 +157,26 @@ def test_study_runs_on_a_tiny_model(study, tmp_path):
 def test_invalid_settings_exit_clearly(study, tmp_path):
     with pytest.raises(SystemExit, match="n-random must be ≥ 100"):
         study.main(["--model", "tiny:qwen2", "--quick", "--n-random", "10", "--out", str(tmp_path)])
+
+
+def test_one_backward_pass_gives_each_position(study):
+    """The mask trick in calibration_grads equals one capture_grads call per named position."""
+    from torch.testing import assert_close
+
+    import interp
+
+    model = interp.tiny("qwen2", seed=0)
+    data = study.load_data(0, study.dataclasses.replace(study.QUICK, n_calib=3, train=False))
+    convs = study.teacher_forced("Be brief.", data["calib"])
+    s = study.dataclasses.replace(study.QUICK, batch_size=2)
+    loss, grads, acts = study.calibration_grads(model, convs, [0, 2], s, "test")
+    batch = study.encode(model, convs)
+    names = study.names_of([0, 2])
+    for pos in study.GRAD_POSITIONS:
+        ref = interp.capture_grads(
+            model, batch, study.assistant_ce, names, positions=pos, return_activations=True
+        )
+        for i, name in enumerate(names):
+            assert_close(grads[pos][:, i], ref.grads[name].float(), rtol=1e-4, atol=1e-6)
+            assert_close(acts[pos][:, i], ref.activations[name].float(), rtol=1e-4, atol=1e-5)
+        assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
