@@ -47,6 +47,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import tempfile
@@ -1069,10 +1070,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     report = _common.Report(out, study=NAME, settings=settings, limitations=LIMITATIONS)
     # Wall time on a shared CPU depends on the neighbours: keep the CPU time and load too.
-    report["machine"] = {"cpu_count": os.cpu_count(), "loadavg_start": _loadavg()}
+    report["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": _loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": args.device,
+    }
     cpu0 = time.process_time()
     report.save()
+    try:
+        _run(args, settings, report, out)
+    except BaseException as exc:
+        report["status"] = "failed"
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        report.save()
+        raise
+    report["status"] = "ok"
+    report["machine"]["loadavg_end"] = _loadavg()
+    report["machine"]["cpu_time_s"] = round(time.process_time() - cpu0, 1)
+    report.save()
+    report["wall_time_s"] = report["timings"]["total_s"]
+    report.save()
+    _common.log(f"done: {report.path} ({report['wall_time_s']:.0f}s)")
+    for line in report["headline"]:
+        _common.log(line)
+    return 0
 
+
+def _run(args, settings: dict[str, Any], report: _common.Report, out: Path) -> None:
     with report.step("items"):
         if args.items:
             items, source = bbq.read_items(args.items), args.items
@@ -1200,17 +1227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if training.get("losses"):
             plots["train_loss"] = plot_loss(out / "train_loss.png", training["losses"])
         report["plots"] = {k: v.name for k, v in plots.items()}
-
-    report["status"] = "ok"
-    report["machine"]["loadavg_end"] = _loadavg()
-    report["machine"]["cpu_time_s"] = round(time.process_time() - cpu0, 1)
-    report.save()
-    report["wall_time_s"] = report["timings"]["total_s"]
-    report.save()
-    _common.log(f"done: {report.path} ({report['wall_time_s']:.0f}s)")
-    for line in report["headline"]:
-        _common.log(line)
-    return 0
 
 
 def _loadavg() -> list[float] | None:

@@ -345,3 +345,14 @@ def test_batched_judge_matches_the_library_judge(tiny_llama):
     batched = kls.judge_scores(tiny_llama, prompts, batch_size=3)
     one = judge_score_fn(tiny_llama.model, tiny_llama.tokenizer)
     assert batched == pytest.approx([one(p) for p in prompts], abs=1e-5)
+
+
+def test_a_failed_run_says_so_in_its_report(tmp_path):
+    import kl_span_alignment as kls
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no items"):
+        kls.main(["--quick", "--items", str(empty), "--out", str(tmp_path / "run")])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "failed" and "holds no items" in report["error"]
