@@ -1,9 +1,9 @@
 """Study 000: pull biased reasoning toward the model's own safe answer with a KL span loss.
 
-    python examples/kl_span_alignment.py --quick          # ~5 min on a 2-core CPU
+    python examples/kl_span_alignment.py --quick          # ≈ 6.5 CPU-minutes (2 threads)
     python examples/kl_span_alignment.py                  # larger default run
     python examples/kl_span_alignment.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B \\
-        --device cuda --max-new-tokens 768                # a reasoning model on a GPU
+        --device cuda --system "" --max-new-tokens 768 --answer-tokens 48   # a reasoning model
 
 Question: when a model's reasoning states a stereotype but its final answer is
 still safe (correct, or "unknown" when the context does not say), does
@@ -19,9 +19,10 @@ Pipeline (every step is timed in ``report.json``):
    (no template is shared), each sampled balanced over category × context ×
    polarity;
 2. mine: greedy, batched, left-padded generation of brief reasoning and
-   "Answer: <letter>" (a response without an answer line gets one forced:
-   "\\nAnswer:" is appended and a few tokens generated, as in zero-shot CoT's
-   answer-extraction stage); the choice is parsed from the letter or the
+   "Answer: <letter>" (when the model would stop, or its budget is spent, without
+   an answer line, "\\nAnswer:" is forced inside the same ``generate`` call and the
+   model writes the answer line, as in zero-shot CoT's answer-extraction
+   stage); the choice is parsed from the letter or the
    option text; reasoning sentences are flagged by ``interp.spans.LexiconDetector``;
    pairs = flagged reasoning + correct-or-unknown answer (fallbacks are reported);
 3. baseline: the same generation on held-out items;
