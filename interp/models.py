@@ -129,7 +129,8 @@ def load(
     """Load or wrap a model as a ``HookedModel``.
 
     Args:
-        model: an embedded name (``"smollm2-135m-instruct"``), a local path, a hub id, or a
+        model: an embedded name (``"smollm2-135m-instruct"``, or ``"smollm2-135m-moe"``: it
+            MoEfied, see ``interp.moefy``; takes ``top_k=``), a local path, a hub id, or a
             model object (``transformers`` / PEFT / ``HookedTransformer`` / ``TransformerBridge``).
         tokenizer: the tokenizer for a model object (ignored for names and paths).
         dtype, device, device_map: as in ``transformers`` (``device_map`` needs accelerate).
@@ -155,6 +156,10 @@ def load(
             f"interp.load expects a name, path or model object, got {type(model).__name__}"
         )
     name = str(model)
+    if name == "smollm2-135m-moe":  # the embedded model MoEfied (interp.moefy), built once
+        from interp import moefy
+
+        return moefy.load(name, dtype=dtype, device=device, device_map=device_map, **kwargs)
     if name in EMBEDDED:
         target = cache_dir() / name
         if not (target / "config.json").exists():

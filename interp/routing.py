@@ -32,6 +32,10 @@ deepseek_v3               sigmoid; choice scores + ``e_score_correction_bias``;
                           sigmoid scores, renormalised iff ``norm_topk_prob``
                           (+1e-20), × ``routed_scaling_factor``
                           (``DeepseekV3TopkRouter``, "noaux_tc")
+moefied                   ``interp.moefy`` (a dense MLP split into routed
+                          groups of units): top-k on the raw logits
+                          (``scoring="identity"``), weight 1 for every
+                          selected group, so k = E reproduces the dense MLP
 ========================  ===================================================
 
 Editing the logits (:func:`edit_logits`)
@@ -80,7 +84,7 @@ from torch import Tensor
 
 __all__ = ["ROUTING_FAMILIES", "RoutingRule", "edit_logits", "select_experts"]
 
-Scoring = Literal["softmax", "sigmoid"]
+Scoring = Literal["softmax", "sigmoid", "identity"]
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 
 ROUTING_FAMILIES: tuple[str, ...] = (
@@ -90,6 +94,7 @@ ROUTING_FAMILIES: tuple[str, ...] = (
     "olmoe",
     "deepseek_v2",
     "deepseek_v3",
+    "moefied",
 )
 
 # Weight tiers of the edited-row selection (higher is chosen first).
@@ -104,7 +109,8 @@ class RoutingRule:
         family: HF ``model_type`` (one of ``ROUTING_FAMILIES``).
         n_experts: routed experts per MoE layer (``E``).
         top_k: experts selected per token (``num_experts_per_tok``).
-        scoring: ``"softmax"`` or ``"sigmoid"`` applied to the logits.
+        scoring: ``"softmax"`` or ``"sigmoid"`` applied to the logits, or
+            ``"identity"`` (``moefied``: select on the raw logits, weight 1).
         norm_topk_prob: renormalise the selected weights to sum to 1.
         topk_method: ``"greedy"``, ``"group_limited_greedy"`` (DeepSeek-V2)
             or ``"noaux_tc"`` (DeepSeek-V3's biased group top-2 sum).
@@ -139,8 +145,12 @@ class RoutingRule:
             raise ValueError(f"n_experts must be ≥ 1, got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        if self.scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if self.scoring not in ("softmax", "sigmoid", "identity"):
+            raise ValueError(
+                f"scoring must be 'softmax', 'sigmoid' or 'identity', got {self.scoring!r}"
+            )
+        if (self.scoring == "identity") != (self.family == "moefied"):
+            raise ValueError("scoring='identity' is the rule of family 'moefied' (and only its)")
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise ValueError(
                 "topk_method must be 'greedy', 'group_limited_greedy' or 'noaux_tc', "
@@ -179,8 +189,18 @@ class RoutingRule:
     @classmethod
     def from_config(cls, config: Any) -> RoutingRule:
         """Read the routing rule of an HF MoE config (``model.config``)."""
+        moefy = getattr(config, "moefy", None)
+        if moefy:  # a dense model converted by interp.moefy (its model_type stays dense)
+            return cls(
+                family="moefied",
+                n_experts=int(config.num_experts),
+                top_k=int(config.num_experts_per_tok),
+                scoring="identity",
+                moe_layers=tuple(int(layer) for layer in moefy["layers"]),
+                shared_experts=int(bool(moefy.get("n_shared", 0))),
+            )
         family = getattr(config, "model_type", None)
-        if family not in ROUTING_FAMILIES:
+        if family not in ROUTING_FAMILIES or family == "moefied":
             raise ValueError(
                 f"config model_type {family!r} is not a supported MoE family; "
                 f"supported: {', '.join(ROUTING_FAMILIES)}"
@@ -313,6 +333,10 @@ def select_experts(
 def _select_hf(logits: Tensor, rule: RoutingRule, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """The installed HF routers' selection, op for op (see the module table)."""
     k = rule.top_k
+    if rule.family == "moefied":
+        # interp.moefy.MoefiedRouter: every selected group enters with weight 1.
+        idx = torch.topk(logits, k, dim=-1).indices
+        return torch.ones(idx.shape, dtype=logits.dtype, device=logits.device), idx
     if rule.family == "mixtral":
         # MixtralTopKRouter.forward
         probs = torch.nn.functional.softmax(logits.float(), dim=-1)
@@ -390,6 +414,8 @@ def _select_edited(logits: Tensor, rule: RoutingRule, bias: Tensor | None) -> tu
     if rule.scoring == "softmax":
         scores = torch.nn.functional.softmax(z.float(), dim=-1)
         choice = scores
+    elif rule.scoring == "identity":
+        scores = choice = z.float()
     else:
         assert bias is not None
         scores = z.float().sigmoid()
@@ -416,6 +442,8 @@ def _select_edited(logits: Tensor, rule: RoutingRule, bias: Tensor | None) -> tu
         top = top / (top.sum(dim=-1, keepdim=True) + eps)
     if rule.family.startswith("deepseek"):
         top = top * rule.routed_scaling_factor
+    if rule.family == "moefied":
+        top = torch.ones_like(top)
     if rule.weights_dtype == "logits":
         top = top.to(logits.dtype)
     return top, idx
