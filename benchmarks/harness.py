@@ -1,11 +1,17 @@
 """Shared benchmark method: same process, same inputs, warm-up, interleaved rounds,
-median of per-round ratios to a baseline (with min–max), machine and versions recorded."""
+median of per-round ratios to a baseline (with min–max and a seeded bootstrap 95% interval
+of that median), machine, load average and versions recorded.
+
+Every suite takes ``--device`` (runs unchanged on cuda), ``--quick`` (fewer rounds) and
+``--model`` (an ``interp.load`` name, or ``tiny:FAMILY`` for ``interp.tiny``, which the
+tests use)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +45,54 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "versions": versions,
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load average (``os.getloadavg``); includes this process's own threads."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def finish(machine: dict) -> dict:
+    """Record the load average at the end of a suite in its machine info."""
+    machine["loadavg_end"] = loadavg()
+    return machine
+
+
+def load_model(name: str, device: str = "cpu"):
+    """``interp.load(name)``, or ``interp.tiny(FAMILY)`` for ``name = "tiny:FAMILY"``."""
+    import interp
+
+    if name.startswith("tiny:"):
+        model = interp.tiny(name.split(":", 1)[1])
+        model.model.to(device)
+        return model
+    return interp.load(name, device=device)
+
+
+def sync_for(device: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def bootstrap_median_ci(
+    values: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (seeded, reproducible)."""
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return v, v
+    rng = random.Random(seed)
+    n = len(values)
+    meds = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(n_boot))
+    lo = meds[int((1 - level) / 2 * n_boot)]
+    hi = meds[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return lo, hi
 
 
 def interleaved(
@@ -48,8 +101,15 @@ def interleaved(
     rounds: int,
     warmup: int = 3,
     sync: Callable[[], None] = lambda: None,
+    seed: int = 0,
+    keep_times: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Time every variant once per round, rotating the order; ratios are per round."""
+    """Time every variant once per round, rotating the order; ratios are per round.
+
+    Per variant: ``median_s``; ``ratio`` = median of per-round ratios to ``baseline`` with
+    ``ratio_min``/``ratio_max`` and ``ratio_ci95`` (bootstrap over rounds, ``seed``);
+    ``delta_s`` = median per-round difference to the baseline; ``times_s`` the raw times.
+    """
     names = list(variants)
     for _ in range(warmup):
         for fn in variants.values():
@@ -66,13 +126,18 @@ def interleaved(
     out = {}
     for n in names:
         ratios = [t / b for t, b in zip(times[n], times[baseline], strict=True)]
+        deltas = [t - b for t, b in zip(times[n], times[baseline], strict=True)]
         out[n] = {
             "median_s": statistics.median(times[n]),
             "ratio": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "ratio_ci95": list(bootstrap_median_ci(ratios, seed=seed)),
+            "delta_s": statistics.median(deltas),
             "rounds": rounds,
         }
+        if keep_times:
+            out[n]["times_s"] = [round(t, 6) for t in times[n]]
     return out
 
 
@@ -91,5 +156,29 @@ def table(rows: list[list[object]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def fmt_ratio(r: dict[str, float]) -> str:
-    return f"{r['ratio']:.3f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
+def fmt_ratio(r: dict) -> str:
+    """``1.004× [0.995, 1.012] (0.81–1.27)``: median ratio, bootstrap 95% CI, min–max."""
+    ci = r.get("ratio_ci95")
+    ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return f"{r['ratio']:.3f}×{ci_s} ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
+
+
+def judge(r: dict, target: float) -> str:
+    """Verdict on the median ratio, qualified by where the 95% interval lies."""
+    lo, hi = r.get("ratio_ci95", (r["ratio"], r["ratio"]))
+    if hi <= target:
+        return "met (whole 95% CI ≤ target)"
+    if r["ratio"] <= target:
+        return "met on the median (95% CI straddles the target)"
+    if lo > target:
+        return f"MISSED by {r['ratio'] - target:+.3f} (whole 95% CI > target)"
+    return f"MISSED on the median by {r['ratio'] - target:+.3f} (95% CI straddles the target)"
+
+
+RATIO_HEADER = "ratio to baseline [bootstrap 95% CI] (min–max)"
+
+
+def load_line(machine: dict) -> str:
+    a, b = machine.get("loadavg_start"), machine.get("loadavg_end")
+    fmt = lambda x: "/".join(f"{v:.2f}" for v in x) if x else "n/a"  # noqa: E731
+    return f"Load average (1/5/15 min) at start {fmt(a)}, at end {fmt(b)}; {machine.get('cpu_count')} CPUs."
