@@ -183,24 +183,33 @@ class MoefiedExperts(nn.Module):
         self.register_buffer("unit_ids", torch.zeros(n_experts, expert_size, dtype=torch.long))
         self.act_fn = ACT2FN[hidden_act]
 
-    def outputs(self, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n n_experts d_model"]:
-        """What every expert would add to the residual stream (dense cost)."""
-        gate, up = torch.einsum("nd,efd->enf", x, self.gate_up_proj).chunk(2, dim=-1)
-        h = self.act_fn(gate) * up  # [E, n, m]
-        return torch.bmm(h, self.down_proj.transpose(1, 2)).transpose(0, 1)
+    def hidden(self, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n_experts n size"]:
+        """Every expert's hidden units ``act(x W_gate) ⊙ (x W_up)`` (one dense matmul)."""
+        E, m = self.num_experts, self.expert_size
+        gu = (x @ self.gate_up_proj.reshape(E * 2 * m, -1).T).view(-1, E, 2 * m)
+        gate, up = gu.transpose(0, 1).chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def output_norms(self, h: Float[Tensor, "n_experts n size"]) -> Float[Tensor, "n n_experts"]:
+        """``‖W_down,e h_e‖`` per token and expert, as ``sqrt(h_eᵀ (W_down,eᵀ W_down,e) h_e)``
+        (an ``m × m`` Gram matrix per expert instead of the ``[n, E, d_model]`` outputs)."""
+        gram = torch.bmm(self.down_proj.transpose(1, 2), self.down_proj)
+        return (torch.bmm(h, gram) * h).sum(-1).clamp_min(0).sqrt().T
 
     def forward(
         self,
         x: Float[Tensor, "n d_model"],
         top_k_index: Int[Tensor, "n k"],
         top_k_weights: Float[Tensor, "n k"],
-        outputs: Float[Tensor, "n n_experts d_model"] | None = None,
+        hidden: Float[Tensor, "n_experts n size"] | None = None,
     ) -> Float[Tensor, "n d_model"]:
-        """``Σ_j w_j · expert_{i_j}(x)``; reuses ``outputs`` when the router computed them."""
-        gates = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        """``Σ_j w_j · expert_{i_j}(x)``; reuses ``hidden`` when the router computed it."""
+        E, m = self.num_experts, self.expert_size
+        gates = torch.zeros(x.shape[0], E, dtype=x.dtype, device=x.device)
         gates = gates.scatter_add(1, top_k_index, top_k_weights.to(x.dtype))
-        if outputs is not None:
-            return torch.einsum("ne,ned->nd", gates, outputs)
+        if hidden is not None:  # one matmul over the gated units of every expert
+            hw = (hidden * gates.T[:, :, None]).transpose(0, 1).reshape(-1, E * m)
+            return hw @ self.down_proj.transpose(1, 2).reshape(E * m, -1)
         out = torch.zeros_like(x)
         for e in (gates != 0).any(dim=0).nonzero().flatten().tolist():
             rows = (gates[:, e] != 0).nonzero().flatten()
@@ -230,8 +239,9 @@ class MoefiedSharedMLP(nn.Module):
 class MoefiedRouter(nn.Module):
     """Router of a MoEfied layer: ``x_flat -> (logits, weights, indices)`` (HF interface).
 
-    ``kind="norm"``: logits are the norms of every group's output (computed
-    here and handed to the experts, so nothing is computed twice);
+    ``kind="norm"``: logits are the norms of every group's output (the groups'
+    hidden units are computed here and handed to the experts, so nothing is
+    computed twice);
     ``kind="linear"``: ``x W^T + b`` fitted to predict those norms.
     """
 
@@ -255,16 +265,18 @@ class MoefiedRouter(nn.Module):
         self, hidden_states: Float[Tensor, "n d_model"]
     ) -> tuple[Float[Tensor, "n n_experts"], Float[Tensor, "n k"], Int[Tensor, "n k"]]:
         if self.kind == "norm":
-            outputs = self._experts[0].outputs(hidden_states)
-            logits = outputs.norm(dim=-1)
-            self._stash = (hidden_states, outputs)
+            experts = self._experts[0]
+            hidden = experts.hidden(hidden_states)
+            logits = experts.output_norms(hidden)
+            self._stash = (hidden_states, hidden)
         else:
             logits = nn.functional.linear(hidden_states, self.weight, self.bias)
         weights, indices = select_experts(logits, self.rule)
         return logits, weights, indices
 
-    def pop_outputs(self, hidden_states: Tensor) -> Tensor | None:
-        """The group outputs computed for exactly this input tensor, if any (then forgotten)."""
+    def pop_hidden(self, hidden_states: Tensor) -> Tensor | None:
+        """The expert hidden units computed for exactly this input tensor, if any (then
+        forgotten)."""
         stash, self._stash = self._stash, None
         return stash[1] if stash is not None and stash[0] is hidden_states else None
 
@@ -285,7 +297,7 @@ class MoefiedMLP(nn.Module):
     ) -> Float[Tensor, "*lead d_model"]:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         _, weights, indices = self.gate(flat)
-        out = self.experts(flat, indices, weights, outputs=self.gate.pop_outputs(flat))
+        out = self.experts(flat, indices, weights, hidden=self.gate.pop_hidden(flat))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(hidden_states.shape)
@@ -670,7 +682,7 @@ def _fit_layers(
                     torch.cat([w["gate_proj"][groups], w["up_proj"][groups]], 1)
                 )
                 experts.down_proj.copy_(w["down_proj"][:, groups].permute(1, 0, 2))
-                target = torch.cat([experts.outputs(c).norm(dim=-1) for c in x.split(4096)])
+                target = torch.cat([experts.output_norms(experts.hidden(c)) for c in x.split(4096)])
             rw, rb = fit_linear_router(x, target, config.ridge)
             tensors[f"layers.{i}.router.weight"], tensors[f"layers.{i}.router.bias"] = rw, rb
     return tensors
