@@ -32,8 +32,9 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check interp tests examples benchmarks
-	# Convert the embedded model once, before parallel test workers need it.
-	$(PY) -c "import interp; interp.load()" > /dev/null
+	# Convert the embedded model and build its MoEfied variant once (cached under
+	# $$INTERP_CACHE), before parallel test workers need them.
+	$(PY) -c "import interp; interp.load(); interp.load('smollm2-135m-moe')" > /dev/null
 	$(PY) -m pytest -q -n 2
 
 lint: setup

@@ -9,7 +9,8 @@ failure. This module holds only what all of them need:
 * :func:`setup` / :func:`load_model` — threads, seeds, and ``--model`` specs,
   including ``tiny:<family>`` for tests (``interp.tiny``);
 * :class:`Report` — a JSON report saved atomically (temp file + ``os.replace``)
-  after every step, with per-step wall times from :meth:`Report.step`;
+  after every step, with per-step wall times from :meth:`Report.step` and the
+  final status from :meth:`Report.running`; :func:`environment` for its header;
 * :func:`pyplot` / :func:`savefig` — matplotlib on the Agg backend, PNGs
   written atomically;
 * :func:`progress`, :func:`log`, :func:`read_jsonl`, :func:`evenly_spaced`.
@@ -40,6 +41,7 @@ from typing import Any
 
 __all__ = [
     "Report",
+    "environment",
     "evenly_spaced",
     "jsonable",
     "load_model",
@@ -191,6 +193,33 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return path
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Versions, device, threads and the load average at the start, for ``report.json``
+    (wall times on a shared CPU depend on the neighbours; the load says how busy it was)."""
+    import platform
+
+    import torch
+
+    import interp
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "interp": interp.__version__,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": _loadavg(),
+    }
+
+
 class Report(dict):
     """The study's ``report.json``: a dict saved atomically, with per-step timings.
 
@@ -211,6 +240,25 @@ class Report(dict):
         self["timings"]["total_s"] = round(time.perf_counter() - self._t0, 2)
         self["timings"]["total_cpu_s"] = round(time.process_time() - self._cpu0, 2)
         return write_json(self.path, self)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The whole study: ``status`` becomes ``"ok"`` when the block finishes, or
+        ``"failed"`` with the ``error`` (re-raised); the report is saved either way, with the
+        load average at the end next to the one :func:`environment` recorded at the start."""
+        try:
+            yield
+        except BaseException as exc:
+            self["status"] = "failed"
+            self["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        else:
+            self["status"] = "ok"
+            self.pop("error", None)
+        finally:
+            if isinstance(self.get("environment"), dict):
+                self["environment"]["loadavg_end"] = _loadavg()
+            self.save()
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -1314,23 +1313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
         settings=dataclasses.asdict(s),
         seed=args.seed,
-        environment={
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "interp": interp.__version__,
-            "device": args.device,
-            "threads": torch.get_num_threads(),
-        },
+        environment=C.environment(args),
     )
-    try:
+    with report.running():
         _run(args, s, report, out)
-    except BaseException as exc:
-        report["status"] = "failed"
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        report.save()
-        raise
-    report["status"] = "ok"
-    report.save()
     C.log(f"report: {report.path}")
     return 0
 

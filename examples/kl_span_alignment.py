@@ -48,11 +48,9 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -1069,29 +1067,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = resolve_settings(args)
     _common.setup(args)
     out = Path(args.out)
-    report = _common.Report(out, study=NAME, settings=settings, limitations=LIMITATIONS)
-    # Wall time on a shared CPU depends on the neighbours: keep the CPU time and load too.
-    report["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "loadavg_start": _loadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": args.device,
-    }
-    cpu0 = time.process_time()
+    report = _common.Report(
+        out,
+        study=NAME,
+        settings=settings,
+        limitations=LIMITATIONS,
+        environment=_common.environment(args),
+    )
     report.save()
-    try:
+    with report.running():
         _run(args, settings, report, out)
-    except BaseException as exc:
-        report["status"] = "failed"
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        report.save()
-        raise
-    report["status"] = "ok"
-    report["machine"]["loadavg_end"] = _loadavg()
-    report["machine"]["cpu_time_s"] = round(time.process_time() - cpu0, 1)
-    report.save()
     report["wall_time_s"] = report["timings"]["total_s"]
     report.save()
     _common.log(f"done: {report.path} ({report['wall_time_s']:.0f}s)")
@@ -1228,13 +1213,6 @@ def _run(args, settings: dict[str, Any], report: _common.Report, out: Path) -> N
         if training.get("losses"):
             plots["train_loss"] = plot_loss(out / "train_loss.png", training["losses"])
         report["plots"] = {k: v.name for k, v in plots.items()}
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not available on this platform
-        return None
 
 
 def _count(values) -> dict[str, int]:

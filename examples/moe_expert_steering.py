@@ -56,7 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import argparse
 import dataclasses
 import math
-import platform
 import random
 import re
 from collections.abc import Sequence
@@ -67,7 +66,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import interp
 from interp import moe, moefy
 from interp.chat import encode
 from interp.moe import RoutingTrace
@@ -564,23 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
         settings=dataclasses.asdict(s),
         seed=args.seed,
-        environment={
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "interp": interp.__version__,
-            "device": args.device,
-            "threads": torch.get_num_threads(),
-        },
+        environment=C.environment(args),
     )
-    try:
+    with report.running():
         _run(args, s, report, out)
-    except BaseException as exc:
-        report["status"] = "failed"
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        report.save()
-        raise
-    report["status"] = "ok"
-    report.save()
     C.log(f"report: {report.path} ({report['timings']['total_s']:.0f}s)")
     return 0
 

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from example_helpers import EXAMPLES, example_module
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA = EXAMPLES / "data" / "constitutional"
 
 
 @pytest.fixture(scope="module")
 def cp():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "constitutional_pipeline", EXAMPLES / "constitutional_pipeline.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with example_module("constitutional_pipeline") as module:
         yield module
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(scope="module")

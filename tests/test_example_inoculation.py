@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from example_helpers import example_module, finite_interval, numbers
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "inoculation_gradients", EXAMPLES / "inoculation_gradients.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
+    with example_module("inoculation_gradients") as module:
         yield module
-    finally:
-        sys.modules.pop("inoculation_gradients", None)
-        sys.path.remove(str(EXAMPLES))
 
 
 def _has_train() -> bool:
@@ -59,26 +44,6 @@ SMALLEST = [
 ]  # fmt: skip
 
 
-def _numbers(obj, path="report"):
-    """Every numeric leaf of a JSON value, with its path."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return
-    if isinstance(obj, int | float):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}[{i}]")
-
-
-def _finite_interval(ci):
-    return all(
-        isinstance(ci[k], float | int) and math.isfinite(ci[k]) for k in ("estimate", "low", "high")
-    )
-
-
 def test_study_runs_on_a_tiny_model(study, tmp_path):
     train = _has_train()
     out = tmp_path / "run"
@@ -98,7 +63,7 @@ def test_study_runs_on_a_tiny_model(study, tmp_path):
     assert report["seed"] == 0
 
     # JSON holds no NaN/inf (they become null); every number present is finite.
-    for path, value in _numbers(report):
+    for path, value in numbers(report):
         assert math.isfinite(value), path
 
     smoke = report["smoke"]
@@ -109,7 +74,7 @@ def test_study_runs_on_a_tiny_model(study, tmp_path):
     d = report["direction"]
     assert d["n_fit"] == d["n_heldout"] == 12  # one prompt per domain in each half
     assert len(d["separation"]["cohens_d"]) == len(layers)
-    assert all(_finite_interval(ci) for ci in d["separation"]["auroc"])
+    assert all(finite_interval(ci) for ci in d["separation"]["auroc"])
     assert len(d["correlation_neutral_projection_vs_caps_token_logmass"]) == len(layers)
 
     a = report["alignment"]
@@ -125,13 +90,13 @@ def test_study_runs_on_a_tiny_model(study, tmp_path):
             assert per["null"][cond]["n_directions"] == 100
             assert math.isfinite(c["loss"])
         for name in ("inoculation_vs_neutral", "inoculation_vs_control", "control_vs_neutral"):
-            assert _finite_interval(per["comparisons"][name]["layer_average"]["delta_cos"])
+            assert finite_interval(per["comparisons"][name]["layer_average"]["delta_cos"])
 
     h = report["headline"]
     assert h["position"] == "pre_assistant"
     assert set(h["loss"]) == {"neutral", "inoculation", "control"}
-    assert _finite_interval(h["delta_cos_inoculation_vs_neutral"]["delta_cos"])
-    assert _finite_interval(h["delta_cos_inoculation_vs_control"]["delta_cos"])
+    assert finite_interval(h["delta_cos_inoculation_vs_neutral"]["delta_cos"])
+    assert finite_interval(h["delta_cos_inoculation_vs_control"]["delta_cos"])
     assert isinstance(h["verdict"], str) and h["verdict"]
     assert all(isinstance(x, str) for x in report["limitations"])
 

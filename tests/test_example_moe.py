@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import sys
-from pathlib import Path
 
 import pytest
+from example_helpers import example_module, non_finite, numbers
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALLEST = [
     "--model", "tiny:mixtral",
     "--quick",
@@ -30,19 +26,8 @@ SMALLEST = [
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "moe_expert_steering", EXAMPLES / "moe_expert_steering.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
+    with example_module("moe_expert_steering") as module:
         yield module
-    finally:
-        sys.modules.pop("moe_expert_steering", None)
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +41,6 @@ def run(study, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out, json.loads((out / "report.json").read_text(encoding="utf-8"))
-
-
-def _numbers(obj, path=""):
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return
-    if isinstance(obj, int | float):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}[{i}]")
 
 
 def test_report_structure(run):
@@ -109,9 +81,8 @@ def test_report_structure(run):
 
 def test_numbers_are_finite(run):
     _, report = run
-    numbers = list(_numbers(report))
-    assert len(numbers) > 100
-    bad = [p for p, v in numbers if not math.isfinite(v)]
+    assert len(list(numbers(report))) > 100
+    bad = non_finite(report)
     assert not bad, bad[:5]
     summary = report["evaluation"]["baseline"]["summary"]
     assert all(summary[k] is not None for k in ("answer_nll", "refusal_pref", "neutral_ppl"))
