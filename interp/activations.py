@@ -40,15 +40,16 @@ def capture(
         batch: text(s), ``[batch, pos]`` ids, a dict with ``input_ids``, or a ``Batch``
             (``interp.chat.encode`` output, which carries named positions).
         names: hook names or glob patterns, e.g. ``"blocks.*.hook_resid_post"``.
-        positions: ``None`` (all), an int, a list of ints, a ``[batch, pos]`` bool mask, or
-            a named position (``"pre_assistant"``, ``"user_end"``, ``"assistant"`` …).
+        positions: ``None`` (all), an int, a list of ints, a ``[batch, pos]`` bool mask,
+            a named position (``"pre_assistant"``, ``"user_end"``, ``"assistant"`` …), or a
+            list of one-token named positions (``["user_end", "pre_assistant"]``).
         dtype, device: storage dtype/device of the captured tensors.
         return_logits: also return the logits, as ``(logits, cache)``.
 
     Returns:
         An ``ActivationCache``. Per hook: ``[batch, pos, d]`` for all positions,
         ``[batch, d]`` for an int or a one-per-row named position, ``[batch, n, d]`` for
-        a list, ``[n_selected, d]`` for a mask.
+        a list of ints or of named positions, ``[n_selected, d]`` for a mask.
     """
     batch = as_batch(model, batch)
     resolved = model.resolve(names)

@@ -136,7 +136,8 @@ class Selector:
 
     kind is one of ``all`` (keep everything), ``index`` (the same positions in
     every row: ``[batch, n, ...]``, or ``[batch, ...]`` for a single int),
-    ``rows`` (one position per row: ``[batch, ...]``) and ``mask``
+    ``rows`` (one position per row: ``[batch, ...]``, or ``n`` per row: ``[batch, n, ...]``
+    for a list of named positions) and ``mask``
     (selected tokens flattened: ``[n_selected, ...]``).
     """
 
@@ -169,9 +170,9 @@ class Selector:
 
 
 def selector(positions: Any, batch: Batch | None, device: torch.device | None = None) -> Selector:
-    """Resolve ``positions`` (None, int, list/1-D tensor, ``[batch]`` per-row tensor via a
-    named position, ``[batch, pos]`` bool mask, or a name in ``batch.positions`` /
-    ``batch.masks``) into a ``Selector``."""
+    """Resolve ``positions`` (None, int, list/1-D tensor, ``[batch, pos]`` bool mask, a name
+    in ``batch.positions`` / ``batch.masks``, or a list of names in ``batch.positions``)
+    into a ``Selector``. A list of ``n`` named positions selects ``[batch, n, ...]``."""
     if positions is None:
         return Selector("all")
     if isinstance(positions, str):
@@ -189,6 +190,20 @@ def selector(positions: Any, batch: Batch | None, device: torch.device | None = 
         return Selector("mask", index=batch.masks[positions].to(device))
     if isinstance(positions, int):
         return Selector("index", index=positions)
+    if (
+        isinstance(positions, list | tuple)
+        and positions
+        and all(isinstance(p, str) for p in positions)
+    ):
+        named = [selector(p, batch, device) for p in positions]
+        masks = [p for p, sel in zip(positions, named, strict=True) if sel.kind != "rows"]
+        if masks:
+            raise ValueError(
+                f"a list of named positions takes one-token positions only; {masks} are masks "
+                "(pass a mask on its own: it selects a different number of tokens per row)"
+            )
+        idx = torch.stack([sel.index for sel in named], dim=1)  # [batch, n]
+        return Selector("rows", index=idx, rows=named[0].rows[:, None])
     t = torch.as_tensor(positions)
     if t.dtype == torch.bool:
         if batch is not None and t.shape != batch.input_ids.shape:

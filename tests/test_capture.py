@@ -89,6 +89,25 @@ def test_named_positions_follow_padding(model):
         )
 
 
+def test_a_list_of_named_positions_stacks_the_single_ones(model):
+    convs = [
+        [{"role": "user", "content": "short"}],
+        [{"role": "user", "content": "a much longer question here?"}],
+    ]
+    batch = encode(model.tokenizer, convs, padding_side="left")
+    names = ["user_end", "pre_assistant"]
+    both = interp.capture(model, batch, "blocks.*.hook_resid_post", positions=names)
+    for hook, value in both.items():
+        assert value.shape == (2, 2, model.cfg.d_model)
+        for i, name in enumerate(names):
+            one = interp.capture(model, batch, hook, positions=name)[hook]
+            assert torch.equal(value[:, i], one)
+    with pytest.raises(ValueError, match="masks"):
+        interp.capture(model, batch, "blocks.0.hook_resid_post", positions=["user_end", "user"])
+    with pytest.raises(KeyError, match="pre_assistant"):
+        interp.capture(model, batch, "blocks.0.hook_resid_post", positions=["pre_asistant"])
+
+
 def test_storage_dtype_and_device(model, ids):
     c = interp.capture(
         model, ids, "blocks.0.hook_resid_post", positions=-1, dtype=torch.float16, device="cpu"

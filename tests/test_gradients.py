@@ -48,6 +48,21 @@ def test_capture_grads_equals_autograd_grad(family):
     assert all(p.grad is None for p in model.model.parameters())
 
 
+def test_a_list_of_named_positions_stacks_the_single_ones():
+    model = interp.tiny("qwen2")
+    batch = encode(
+        model.tokenizer,
+        [[{"role": "user", "content": "two plus two"}], [{"role": "user", "content": "hi"}]],
+    )
+    names = ["user_end", "pre_assistant"]
+    both = interp.capture_grads(model, batch, next_token_loss, "blocks.*.hook_resid_post", names)
+    for hook, grad in both.grads.items():
+        assert grad.shape == (2, 2, model.cfg.d_model)
+        for i, name in enumerate(names):
+            one = interp.capture_grads(model, batch, next_token_loss, hook, positions=name)
+            torch.testing.assert_close(grad[:, i], one.grads[hook])
+
+
 def test_per_example_grad_is_the_grad_of_its_own_loss():
     model = interp.tiny("llama")
     ids = torch.randint(0, 250, (3, 8), generator=torch.Generator().manual_seed(3))
