@@ -376,3 +376,32 @@ def test_gradient_accumulation_matches_the_full_batch():
     # Adam divides by sqrt(v): summation-order noise in near-zero gradients (lora_A
     # starts with exactly zero gradient) becomes ~1e-6 in the weights, vs. steps of 5e-3.
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+def test_max_steps_stops_mid_epoch_like_a_shorter_dataset():
+    # Unshuffled, one example per step: 3 steps of 4 examples x 2 epochs are exactly one
+    # epoch over the first 3 examples (same batches, same 3-step schedule).
+    _, tok = tiny_hf("llama", seed=0)
+    common = dict(lr=5e-3, batch_size=1, dropout=0.0, shuffle=False, warmup_ratio=0.3)
+    capped = train(
+        tiny_hf("llama")[0],
+        PAIRS,
+        SFTLoss(),
+        TrainConfig(epochs=2, max_steps=3, **common),
+        tokenizer=tok,
+        progress=False,
+    )
+    short = train(
+        tiny_hf("llama")[0],
+        PAIRS[:3],
+        SFTLoss(),
+        TrainConfig(**common),
+        tokenizer=tok,
+        progress=False,
+    )
+    assert capped.steps == short.steps == 3
+    torch.testing.assert_close(torch.tensor(capped.losses), torch.tensor(short.losses))
+    a, b = trainable(capped.model), trainable(short.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)

@@ -21,6 +21,8 @@ class TrainConfig:
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay on the LoRA parameters.
         epochs: passes over the data.
+        max_steps: stop after this many optimizer steps (the learning-rate schedule is
+            laid out over them), even mid-epoch; ``None`` = ``epochs`` full passes.
         batch_size: examples per micro-batch (one forward pass).
         grad_accum_steps: micro-batches per optimizer step.
         warmup_ratio: fraction of optimizer steps with linear warmup before the
@@ -45,6 +47,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     epochs: int = 1
+    max_steps: int | None = None
     batch_size: int = 4
     grad_accum_steps: int = 1
     warmup_ratio: float = 0.03
@@ -67,6 +70,8 @@ class TrainConfig:
         for name in ("r", "epochs", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be ≥ 1 or None, got {self.max_steps}")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be ≥ 0, got {getattr(self, name)}")

@@ -149,6 +149,8 @@ def train(
     n_micro = math.ceil(len(items) / config.batch_size)
     steps_per_epoch = math.ceil(n_micro / config.grad_accum_steps)
     total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
     warmup = math.floor(config.warmup_ratio * total)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -214,6 +216,8 @@ def train(
                     for i in range(0, len(micro), config.grad_accum_steps)
                 ]
                 for index, group in enumerate(groups):
+                    if step >= total:
+                        break  # max_steps reached
                     if epoch * steps_per_epoch + index < step:
                         continue  # done before the checkpoint we resumed from
                     step_loss = 0.0
