@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import given
@@ -266,3 +268,214 @@ def test_geometric_median_is_optimal_and_robust():
 def test_topk_activations_to_dense():
     acts = TopKActivations(torch.tensor([[2, 0]]), torch.tensor([[3.0, 1.0]]))
     assert acts.to_dense(4).tolist() == [[1.0, 0.0, 3.0, 0.0]]
+
+
+# ---- the fused encoder (_TopKEncode) on its own: values and all four input gradients ----
+
+
+def _encode_chunk_rows(rows: int, d_sae: int):
+    """Force the fused encoder to process ``rows`` rows per chunk (several chunks per batch)."""
+    return patch.object(SF, "_ENCODE_CHUNK_ELEMENTS", rows * d_sae)
+
+
+def _encoder_grads(leaves, loss):
+    loss.backward()
+    return [t.grad for t in leaves]
+
+
+@given(sizes, st.integers(1, 24), st.integers(1, 5))
+def test_fused_encoder_matches_dense_reference_values_and_grads(size, k, rows_per_chunk):
+    n, d_in, d_sae, seed = size
+    k = min(k, d_sae)
+    g, W_enc, b_enc, b_dec, _ = _params(d_in, d_sae, seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    # Upstream gradient on the dense latents: the loss sees only the kept entries.
+    upstream = torch.randn(n, d_sae, generator=g, dtype=torch.float64)
+
+    p1 = _leaves(x, W_enc, b_enc, b_dec)
+    with _encode_chunk_rows(rows_per_chunk, d_sae):
+        acts = topk_encode(p1[0], p1[1], p1[2], p1[3], k)
+    grads1 = _encoder_grads(p1, (acts.to_dense(d_sae) * upstream).sum())
+
+    p2 = _leaves(x, W_enc, b_enc, b_dec)
+    z = topk_encode_dense(p2[0], p2[1], p2[2], p2[3], k)
+    grads2 = _encoder_grads(p2, (z * upstream).sum())
+
+    torch.testing.assert_close(acts.to_dense(d_sae), z)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "b_dec"), grads1, grads2, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def _check_against_same_selection(x, W_enc, b_enc, b_dec, k, upstream, rows_per_chunk=2):
+    """Ours vs plain autograd through the *same* selected indices (robust to tie-breaking),
+    plus: the selection is a valid top-k of the dense pre-activations."""
+    d_sae = W_enc.shape[1]
+    p1 = _leaves(x, W_enc, b_enc, b_dec)
+    with _encode_chunk_rows(rows_per_chunk, d_sae):
+        acts = topk_encode(p1[0], p1[1], p1[2], p1[3], k)
+    grads1 = _encoder_grads(p1, (acts.values * upstream).sum())
+
+    p2 = _leaves(x, W_enc, b_enc, b_dec)
+    pre = SF.pre_activations(p2[0], p2[1], p2[2], p2[3])
+    values_ref = pre.gather(1, acts.indices).relu()
+    grads2 = _encoder_grads(p2, (values_ref * upstream).sum())
+
+    torch.testing.assert_close(acts.values, values_ref.detach())
+    # Valid top-k: every kept pre-activation ≥ every dropped one, row by row.
+    pre = pre.detach()
+    kept = torch.zeros_like(pre, dtype=torch.bool).scatter(1, acts.indices, True)
+    if k < d_sae:
+        lowest_kept = torch.where(kept, pre, torch.inf).amin(1)
+        highest_dropped = torch.where(kept, -torch.inf, pre).amax(1)
+        assert bool((lowest_kept >= highest_dropped).all())
+    # Same multiset of values as the dense reference.
+    torch.testing.assert_close(
+        acts.values.sort(1).values, pre.topk(k, dim=1).values.relu().sort(1).values
+    )
+    for name, a, b in zip(("x", "W_enc", "b_enc", "b_dec"), grads1, grads2, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad {name}: {m}")
+    return acts, grads1
+
+
+def test_fused_encoder_exact_ties():
+    # Rows with x == b_dec have pre-activations exactly b_enc, which has tied values; the
+    # other rows are generic. k = 2 must pick two of the three tied maxima.
+    g, W_enc, _, b_dec, _ = _params(5, 12, 7)
+    b_enc = torch.tensor([0.5, 2.0, 2.0, -1.0, 2.0, 1.0, 1.0, 0.0, 0.0, -3.0, 1.0, 0.5])
+    b_enc = b_enc.double()
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x[[0, 3, 4]] = b_dec
+    upstream = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    for k in (2, 3, 4):
+        acts, _ = _check_against_same_selection(x, W_enc, b_enc, b_dec, k, upstream[:, :k])
+        top = min(k, 3)
+        assert set(acts.indices[[0, 3, 4], :top].flatten().tolist()) <= {1, 2, 4}
+        assert bool((acts.values[[0, 3, 4], :top] == 2.0).all())
+
+
+def test_fused_encoder_zeros_and_fewer_than_k_positive():
+    g, W_enc, _, b_dec, _ = _params(6, 10, 11)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    upstream = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    # All pre-activations negative: every kept value is 0 and no gradient flows anywhere.
+    b_enc = torch.full((10,), -100.0, dtype=torch.float64)
+    acts, grads = _check_against_same_selection(x, W_enc, b_enc, b_dec, 4, upstream)
+    assert bool((acts.values == 0).all())
+    assert all(bool((gr == 0).all()) for gr in grads)
+    # Exactly zero pre-activations (x == b_dec, b_enc == 0): ReLU'(0) = 0 on both paths.
+    zeros = b_dec.expand(9, 6).clone()
+    acts, grads = _check_against_same_selection(
+        zeros, W_enc, torch.zeros(10, dtype=torch.float64), b_dec, 4, upstream
+    )
+    assert bool((acts.values == 0).all())
+    # Only one or two positive pre-activations per row: the rest of the k slots are 0.
+    b_enc = torch.full((10,), -100.0, dtype=torch.float64)
+    b_enc[[2, 7]] = 200.0
+    acts, _ = _check_against_same_selection(x, W_enc, b_enc, b_dec, 4, upstream)
+    assert bool(((acts.values > 0).sum(1) == 2).all())
+    assert bool((acts.indices[:, :2].sort(1).values == torch.tensor([2, 7])).all())
+
+
+def test_fused_encoder_k_equals_d_sae_and_empty_batch():
+    g, W_enc, b_enc, b_dec, _ = _params(4, 6, 2)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    upstream = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    _check_against_same_selection(x, W_enc, b_enc, b_dec, 6, upstream)
+    empty = topk_encode(x[:0], W_enc, b_enc, b_dec, 3)
+    assert empty.indices.shape == empty.values.shape == (0, 3)
+
+
+@given(sizes, st.integers(1, 8), st.integers(1, 30), st.integers(1, 4))
+def test_fused_encoder_chunks_give_same_topk_and_auxk(size, k, k_aux, rows_per_chunk):
+    n, d_in, d_sae, seed = size
+    k = min(k, d_sae)
+    g, W_enc, b_enc, b_dec, _ = _params(d_in, d_sae, seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    dead = torch.rand(d_sae, generator=g) < 0.5
+    # Upstream gradient per (row, latent), so AuxK's unsorted column order does not matter.
+    upstream = torch.randn(n, d_sae, generator=g, dtype=torch.float64)
+
+    def run(chunk_rows):
+        p = _leaves(x, W_enc, b_enc, b_dec)
+        with _encode_chunk_rows(chunk_rows, d_sae):
+            acts, aux = SF._topk_encode_with_aux(p[0], p[1], p[2], p[3], k, dead, k_aux)
+        pairs = [acts] if aux is None else [acts, aux]
+        loss = sum((a.values * upstream.gather(1, a.indices)).sum() for a in pairs)
+        grads = _encoder_grads(p, loss)
+        return acts, aux, grads
+
+    one = run(max(n, 1))
+    many = run(rows_per_chunk)
+    assert torch.equal(one[0].indices, many[0].indices)
+    # A one-row GEMM may round differently from a many-row one: equal up to rounding.
+    torch.testing.assert_close(one[0].values, many[0].values)
+    if one[1] is None:
+        assert many[1] is None and not bool(dead.any())
+    else:
+        assert torch.equal(one[1].indices.sort(1).values, many[1].indices.sort(1).values)
+        assert bool(dead[many[1].indices].all())
+    for a, b in zip(one[2], many[2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@given(
+    st.integers(0, 12), st.integers(0, 6), st.integers(1, 9), st.integers(1, 20), st.integers(0, 99)
+)
+def test_scatter_rows_matches_one_hot_matmul(n, m, d, n_rows, seed):
+    # Repeated indices within a row and never-selected output rows included.
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, n_rows, (n, m), generator=g)
+    weights = torch.randn(n, m, generator=g, dtype=torch.float64)
+    vecs = torch.randn(n, d, generator=g, dtype=torch.float64)
+    one_hot = torch.zeros(n, m, n_rows, dtype=torch.float64)
+    one_hot.scatter_(2, indices[..., None], weights[..., None])
+    expected = one_hot.sum(1).t() @ vecs
+    torch.testing.assert_close(SF._scatter_rows(indices, weights, vecs, n_rows), expected)
+
+
+@given(
+    st.integers(1, 6),  # rows
+    st.integers(1, 5),  # k
+    st.integers(2, 4),  # group size
+    st.integers(0, 6),  # extra groups
+    st.booleans(),  # many exact ties
+    st.integers(0, 999),
+)
+def test_two_stage_topk_matches_torch_topk(rows, k, group, extra, ties, seed):
+    d = group * (4 * k + extra)
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        pre = torch.randint(-2, 3, (rows, d), generator=g).double()
+    else:
+        pre = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    with patch.object(SF, "_TOPK_GROUP", group):
+        values, indices = SF._topk_rows(pre, k)
+    expected = pre.topk(k, dim=-1, sorted=True).values
+    assert torch.equal(values, expected)  # same numbers, sorted descending
+    assert torch.equal(pre.gather(1, indices), values)  # indices point at them
+    assert bool((indices.sort(1).values.diff(dim=1) > 0).all())  # distinct per row
+
+
+def test_fused_encoder_two_stage_topk_matches_dense_reference():
+    # Wide enough for the two-stage TopK (d_sae ≥ 4·k·G) with a small group; generic
+    # values, then exact ties (rows with x == b_dec, tied b_enc).
+    g, W_enc, _, b_dec, _ = _params(6, 48, 5)
+    b_enc = torch.randn(48, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    upstream = torch.randn(10, 48, generator=g, dtype=torch.float64)
+    with patch.object(SF, "_TOPK_GROUP", 2):
+        p1 = _leaves(x, W_enc, b_enc, b_dec)
+        with _encode_chunk_rows(3, 48):
+            acts = topk_encode(p1[0], p1[1], p1[2], p1[3], 5)
+        grads1 = _encoder_grads(p1, (acts.to_dense(48) * upstream).sum())
+        p2 = _leaves(x, W_enc, b_enc, b_dec)
+        z = topk_encode_dense(p2[0], p2[1], p2[2], p2[3], 5)
+        grads2 = _encoder_grads(p2, (z * upstream).sum())
+        torch.testing.assert_close(acts.to_dense(48), z)
+        for a, b in zip(grads1, grads2, strict=True):
+            torch.testing.assert_close(a, b)
+
+        tied = torch.tensor([3.0, 1.0, 3.0, 0.0] * 12, dtype=torch.float64)
+        x[[1, 4]] = b_dec
+        acts, _ = _check_against_same_selection(x, W_enc, tied, b_dec, 5, upstream[:, :5])
+        assert bool((acts.values[[1, 4]] == 3.0).all())

@@ -6,18 +6,20 @@ Appendix A; OpenAI's reference code ``sparse_autoencoder/train.py``):
     z  = TopK(ReLU(W_enc (x − b_dec) + b_enc))      kept as k (index, value) pairs
     x̂  = Σ_j z_j · W_dec[i_j] + b_dec
 
-* ``z`` never exists as a dense ``[n, d_sae]`` matrix on the training path. The dense
-  pre-activations are computed once *without* autograd (TopK's selection is not
-  differentiable), the top-k indices are picked, and the k values are gathered through
-  ``_EncodeGather``, whose backward touches only the selected columns of ``W_enc`` and
-  entries of ``b_enc`` (``index_add``). Only those k pre-activations carry gradient, so
-  this is exact, and it replaces a dense ``[d_in, n] @ [n, d_sae]`` matmul by n·k·d_in
-  multiply-adds.
+* ``z`` never exists as a dense ``[n, d_sae]`` matrix on the training path, and neither
+  does the dense pre-activation matrix: ``_TopKEncode`` computes pre-activations
+  chunk by chunk of rows into one reused buffer *without* autograd (TopK's selection is
+  not differentiable), picks the top-k indices and their values from the chunk while it
+  is in cache, and its backward touches only the selected columns of ``W_enc`` and
+  entries of ``b_enc`` (``_scatter_rows``, ``index_add``). Only those k pre-activations
+  carry gradient, so this is exact, and it replaces a dense ``[d_in, n] @ [n, d_sae]``
+  matmul by n·k·d_in multiply-adds.
 * Decoding goes through ``_SparseDecode``: the forward is ``embedding_bag`` (gather and
   weighted sum of k decoder rows without materializing them); the backward computes
-  ``dW_dec`` with ``index_add`` over the k selected rows (in chunks, so the
-  ``[chunk, k, d_in]`` source stays cache-sized) and ``dz`` with ATen's
-  ``embedding_bag`` per-sample-weight kernel (a gather-dot, nothing materialized).
+  ``dW_dec`` with ``_scatter_rows`` (the (row, latent) pairs sorted by latent, then one
+  weighted ``embedding_bag`` per latent — the same trick gives ``dW_enc``) and ``dz``
+  with ATen's ``embedding_bag`` per-sample-weight kernel (a gather-dot, nothing
+  materialized).
 * Dense references (``topk_encode_dense``, ``dense_decode``) use plain autograd; the
   tests compare values and gradients of both paths.
 * Losses: ``fvu`` (normalized MSE) and ``auxk_loss`` normalized the same way. Both take
@@ -54,9 +56,15 @@ __all__ = [
 AllReduce = Callable[[Tensor], Tensor]
 """Sums a tensor over data-parallel ranks (returns a new tensor); identity when single."""
 
-# Rows per chunk: a [chunk, k, d_in] fp32 temporary of ~2 MiB, so the index_add source
-# stays in cache (measured fastest between 2**18 and 2**20 elements on a 2-core CPU).
+# Rows per chunk of the fallback gather-dot: a [chunk, k, d_in] fp32 temporary of ~2 MiB,
+# so it stays in cache (measured fastest between 2**18 and 2**20 elements on 2 cores).
 _CHUNK_ELEMENTS = 2**19
+# Elements of the reused [rows, d_sae] pre-activation buffer of the fused encoder (16 MiB
+# in fp32): enough rows for an efficient GEMM, small enough to be reused by the allocator
+# instead of being mapped and page-faulted afresh every step.
+_ENCODE_CHUNK_ELEMENTS = 2**22
+# Strided column groups of the two-stage TopK (``_topk_rows``); measured best at 16.
+_TOPK_GROUP = 16
 
 
 class TopKActivations(NamedTuple):
@@ -132,56 +140,127 @@ def _rows_dot_reference(W: Tensor, indices: Tensor, vecs: Tensor) -> Tensor:
     return out
 
 
-class _EncodeGather(torch.autograd.Function):
-    """values = pre[n, indices] where pre = (x − b_dec) W_enc + b_enc, with a sparse backward.
+def _scatter_rows(indices: Tensor, weights: Tensor, vecs: Tensor, n_rows: int) -> Tensor:
+    """out[s] = Σ_{(n,j): indices[n, j] = s} weights[n, j] · vecs[n], as ``[n_rows, d]``.
 
-    ``pre`` is the dense pre-activation computed without autograd; the forward only
-    gathers from it. The backward uses only the gathered positions: with g = ∂L/∂values,
-        ∂L/∂W_enc[:, s] = Σ_{(n,j): i_nj = s} g_nj (x_n − b_dec)     (index_add)
+    The (n, j) pairs are sorted by row s once (a stable sort of n·k integers), and each
+    output row is then one bag of ``embedding_bag(mode="sum")`` over ``vecs`` with
+    per-sample weights: a gather and weighted sum per output row, written once. This is
+    the transpose of the sparse decode, and measured ~5× faster on CPU than scattering
+    with ``index_add`` (which writes every output row k·n/n_rows times). The summation
+    order is fixed (ascending n), so the result is deterministic.
+    """
+    n, m = indices.shape
+    d = vecs.shape[1]
+    if n * m == 0:
+        return vecs.new_zeros(n_rows, d)
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    offsets = flat.new_zeros(n_rows + 1)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=offsets[1:])
+    return F.embedding_bag(
+        order // m,
+        vecs,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.reshape(-1)[order].to(vecs.dtype),
+        include_last_offset=True,
+    )
+
+
+def _topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-row top-k of a contiguous ``[rows, d]`` matrix: (values sorted descending, indices).
+
+    Two stages when k ≪ d: split the columns into ``d / G`` strided groups of G
+    (column c + j·d/G, j < G), take each group's maximum (a vectorized max over G rows of
+    the ``[rows, G, d/G]`` view), keep the k groups with the largest maxima, and take the
+    top k of their k·G members. Exact: those k group maxima are k distinct entries ≥ the
+    k-th largest group maximum m, and every entry outside the kept groups is ≤ its
+    group's maximum ≤ m, so the kept members hold a top-k multiset (ties may pick other,
+    equal-valued indices than ``torch.topk``). ~20 % faster than ``torch.topk`` at
+    d = 4608, k = 32; small or indivisible widths use ``torch.topk`` directly.
+    """
+    rows, d = pre.shape
+    G = _TOPK_GROUP
+    if G < 2 or d % G or d < 4 * k * G:
+        top = pre.topk(k, dim=-1, sorted=True)
+        return top.values, top.indices
+    n_groups = d // G
+    view = pre.view(rows, G, n_groups)
+    groups = view.amax(1).topk(k, dim=-1, sorted=False).indices  # [rows, k]
+    members = view.gather(2, groups[:, None, :].expand(rows, G, k))  # [rows, G, k]
+    top = members.view(rows, G * k).topk(k, dim=-1, sorted=True)
+    member, slot = top.indices // k, top.indices % k
+    return top.values, member * n_groups + groups.gather(1, slot)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """Fused encode + TopK: pre-activation values at the selected latents, sparse backward.
+
+    Forward (no autograd inside): for each chunk of rows, pre = (x − b_dec) W_enc + b_enc
+    into one reused ``[chunk, d_sae]`` buffer, then TopK (and the AuxK candidates among
+    ``dead`` latents) on that buffer while it is still in cache. The dense ``[n, d_sae]``
+    pre-activation matrix is never allocated: a fresh 75 MB tensor per step cost more in
+    page faults and memory traffic than its TopK (measured on the benchmark shape).
+    Returns the pre-ReLU ``values`` ``[n, k + k_sel]`` and their ``indices``.
+
+    Backward uses only the selected positions: with g = ∂L/∂values,
+        ∂L/∂W_enc[:, s] = Σ_{(n,j): i_nj = s} g_nj (x_n − b_dec)     (``_scatter_rows``)
         ∂L/∂b_enc[s]    = Σ_{(n,j): i_nj = s} g_nj                    (index_add)
         ∂L/∂b_dec       = −W_enc ∂L/∂b_enc                            (OpenAI's trick)
         ∂L/∂x_n         = Σ_j g_nj W_enc[:, i_nj]                     (embedding_bag)
     """
 
     @staticmethod
-    def forward(ctx: Any, x, b_dec, W_enc, b_enc, pre, indices):
+    def forward(ctx: Any, x, b_dec, W_enc, b_enc, k, dead, k_aux):
+        n = x.shape[0]
+        d_sae = W_enc.shape[1]
+        k_sel = 0 if dead is None else min(k_aux, int(dead.numel()))
+        width = k + k_sel
+        values = x.new_empty(n, width)
+        indices = torch.empty(n, width, dtype=torch.long, device=x.device)
+        max_rows = max(1, _ENCODE_CHUNK_ELEMENTS // d_sae)
+        rows = max(1, -(-n // -(-n // max_rows))) if n else 1  # equal chunks ≤ max_rows
+        buf = x.new_empty(rows, d_sae)
+        for s in range(0, n, rows):
+            xc = x[s : s + rows] - b_dec
+            pre = torch.addmm(b_enc, xc, W_enc, out=buf[: xc.shape[0]])
+            values[s : s + rows, :k], indices[s : s + rows, :k] = _topk_rows(pre, k)
+            if k_sel:
+                aux = pre.index_select(1, dead).topk(k_sel, dim=-1, sorted=False)
+                values[s : s + rows, k:] = aux.values
+                indices[s : s + rows, k:] = dead[aux.indices]
+        ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(x, b_dec, W_enc, indices)
-        return pre.gather(1, indices)
+        return values, indices
 
     @staticmethod
-    def backward(ctx: Any, grad):
+    def backward(ctx: Any, grad, _grad_indices):
         x, b_dec, W_enc, indices = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
         grad_x = grad_b_dec = grad_W = grad_b_enc = None
+        grad = grad.contiguous()
         flat_idx = indices.reshape(-1)
         if need_b_enc or need_b_dec:
             grad_b_enc = W_enc.new_zeros(W_enc.shape[1]).index_add_(0, flat_idx, grad.reshape(-1))
         if need_b_dec:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if need_W:
-            n, m = indices.shape
-            d_in = x.shape[1]
-            # Accumulate the transpose [d_sae, d_in] so index_add writes contiguous rows.
-            grad_W_t = W_enc.new_zeros(W_enc.shape[1], d_in)
-            step = _chunk_rows(m, d_in)
-            with _one_intra_op_thread():
-                for s in range(0, n, step):
-                    xc = x[s : s + step] - b_dec
-                    src = grad[s : s + step, :, None] * xc[:, None, :]
-                    grad_W_t.index_add_(0, indices[s : s + step].reshape(-1), src.reshape(-1, d_in))
-            grad_W = grad_W_t.t()
+            # Built as the transpose [d_sae, d_in]: whole contiguous rows per latent, and
+            # already the strides of TopKSAE's row-major W_enc storage.
+            grad_W = _scatter_rows(indices, grad, x - b_dec, W_enc.shape[1]).t()
         if need_x:
             grad_x = F.embedding_bag(
                 indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum"
             )
-        return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None
+        return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """out[n] = Σ_j values[n, j] · W_dec[indices[n, j]] with a backward over the k rows only.
 
     Backward with G = ∂L/∂out:
-        ∂L/∂W_dec[s]       = Σ_{(n,j): i_nj = s} values_nj G_n        (chunked index_add)
+        ∂L/∂W_dec[s]       = Σ_{(n,j): i_nj = s} values_nj G_n        (``_scatter_rows``)
         ∂L/∂values[n, j]   = W_dec[i_nj] · G_n                        (``_rows_dot``)
     """
 
@@ -194,17 +273,10 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx: Any, grad_out):
         indices, values, W_dec = ctx.saved_tensors
         need_values, need_W = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        n, k = indices.shape
-        d_in = W_dec.shape[1]
         grad_values = _rows_dot(W_dec, indices, grad_out) if need_values else None
         grad_W = None
         if need_W:
-            grad_W = torch.zeros_like(W_dec)
-            step = _chunk_rows(k, d_in)
-            with _one_intra_op_thread():
-                for s in range(0, n, step):
-                    src = values[s : s + step, :, None] * grad_out[s : s + step, None, :]
-                    grad_W.index_add_(0, indices[s : s + step].reshape(-1), src.reshape(-1, d_in))
+            grad_W = _scatter_rows(indices, values, grad_out.contiguous(), W_dec.shape[0])
         return None, grad_values, grad_W
 
 
@@ -220,12 +292,6 @@ def pre_activations(
 
 def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
-
-
-def _select_topk(pre: Tensor, k: int) -> Tensor:
-    # TopK before ReLU: same values as TopK(ReLU(·)) and avoids a pass over [n, d_sae]
-    # (ties among zeros aside, whose values are 0 either way).
-    return pre.topk(k, dim=-1, sorted=True).indices
 
 
 def dead_topk(
@@ -267,24 +333,23 @@ def _topk_encode_with_aux(
 ) -> tuple[TopKActivations, TopKActivations | None]:
     """TopK latents plus (when some latent is dead) the AuxK latents, in one sparse gather.
 
-    Both index sets go through a single ``_EncodeGather`` so the encoder backward is one
-    index_add pass, as in OpenAI's ``EncWrapper``.
+    Both index sets come out of one fused ``_TopKEncode`` (one pass over the
+    pre-activations, one sparse pass in the backward, as in OpenAI's ``EncWrapper``).
     """
     if not 1 <= k <= W_enc.shape[1]:
         raise ValueError(f"k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
     flat, lead = _flatten(x)
-    with torch.no_grad():
-        pre = torch.addmm(b_enc, flat - b_dec, W_enc)
-        indices = _select_topk(pre, k)
-        aux_indices = None
-        if dead_mask is not None and k_aux > 0 and bool(dead_mask.any()):
-            aux_indices = dead_topk(pre, dead_mask, k_aux)
-            indices = torch.cat([indices, aux_indices], dim=1)
-    values = _EncodeGather.apply(flat, b_dec, W_enc, b_enc, pre, indices).relu()
+    dead = None
+    if dead_mask is not None and k_aux > 0:
+        dead = dead_mask.nonzero().squeeze(1)
+        if dead.numel() == 0:
+            dead = None
+    values, indices = _TopKEncode.apply(flat, b_dec, W_enc, b_enc, k, dead, k_aux)
+    values = values.relu()
     acts = TopKActivations(indices[:, :k].reshape(*lead, k), values[:, :k].reshape(*lead, k))
-    if aux_indices is None:
+    if dead is None:
         return acts, None
-    k_sel = aux_indices.shape[1]
+    k_sel = indices.shape[1] - k
     aux = TopKActivations(indices[:, k:].reshape(*lead, k_sel), values[:, k:].reshape(*lead, k_sel))
     return acts, aux
 

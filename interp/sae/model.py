@@ -108,8 +108,8 @@ class TopKSAE(nn.Module):
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
         # W_enc is [d_in, d_sae] but stored as the transpose of a row-major [d_sae, d_in]
-        # buffer: the sparse encoder backward then writes whole contiguous rows
-        # (index_add over latents) and its gradient already has the parameter's strides.
+        # buffer: the sparse encoder backward then writes whole contiguous rows (one
+        # per latent) and its gradient already has the parameter's strides.
         self.W_enc = nn.Parameter(W_dec.clone().t())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -218,8 +218,8 @@ class TopKSAE(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
-        grad.sub_(parallel * self.W_dec)
+        parallel = torch.linalg.vecdot(grad, self.W_dec).unsqueeze(1)
+        grad.addcmul_(parallel, self.W_dec, value=-1.0)  # in place, no [d_sae, d_in] temporary
 
     # ---- persistence (SAELens format) -------------------------------------------------
 
