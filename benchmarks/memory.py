@@ -8,8 +8,9 @@ What is measured (``"measure"`` in the JSON says which one a run used):
 * **cpu**: the growth of the process's resident-set high-water mark (``VmHWM`` in
   ``/proc/self/status``, reset just before the call by writing ``5`` to
   ``/proc/self/clear_refs``) over the resident set just before the call. Each
-  measurement runs in a fresh subprocess (model loaded, one small warm-up forward of 1×16
-  tokens, then the one measured call) with glibc's mmap threshold pinned at 128 KiB
+  measurement runs in a fresh subprocess (model loaded, one warm-up call of the same
+  variant on 1×16 tokens — so lazy imports and one-time initialisation are done — then the
+  one measured call) with glibc's mmap threshold pinned at 128 KiB
   (``MALLOC_MMAP_THRESHOLD_``), so every large tensor is its own mapping that is returned
   to the OS when freed and the high-water mark follows live tensors instead of allocator
   caches. It counts everything the call makes resident — tensors, allocator overhead,
@@ -92,7 +93,7 @@ def measure(model, variant: str, size: str, device: str) -> dict:
     mask = torch.ones_like(ids)
     warm = ids[:1, :16]
     with torch.no_grad():
-        model.forward(warm, torch.ones_like(warm))
+        _call(model, variant, warm, torch.ones_like(warm))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

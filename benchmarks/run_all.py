@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+
 RESULTS = HERE / "results"
 SUITES = [
     "hook_overhead",
@@ -47,7 +50,12 @@ def _load(machine: dict | None) -> str:
 
 
 def _variants(group: dict) -> dict:
-    return {k: v for k, v in group.items() if isinstance(v, dict) and "ratio" in v}
+    """The timing entries of a group (``_memory``, ``_trace`` … are not variants)."""
+    return {
+        k: v
+        for k, v in group.items()
+        if not k.startswith("_") and isinstance(v, dict) and "median_s" in v and "ratio" in v
+    }
 
 
 def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
@@ -74,7 +82,7 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
                 mine = name == "interp capture"
                 verdict = (tgt.get("verdicts") or {}).get(size, "") if mine else ""
                 if mine and not verdict and t:
-                    verdict = "met" if r["ratio"] <= t else "MISSED"
+                    verdict = harness.judge(r, t)
                 add(
                     "hook_overhead",
                     size,
@@ -89,7 +97,7 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
         key = "interp capture_grads (1 position, all layers)"
         r = d.get("vs_forward_backward", {}).get(key)
         if r:
-            verdict = ("met" if r["ratio"] <= t else "MISSED") if t else ""
+            verdict = harness.judge(r, t) if t else ""
             add("grad_capture", d.get("size", ""), "capture_grads / fwd+bwd", _ci(r), f"≤ {t}×" if t else "", verdict, load)  # fmt: skip
         r = d.get("vs_activations_only", {}).get(key)
         if r:
