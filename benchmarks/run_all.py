@@ -3,7 +3,7 @@
 to ``benchmarks/results/summary.md`` (and ``summary.json``, which the docs page renders).
 
     python benchmarks/run_all.py [--device cuda] [--quick] [--only a,b] [--skip a,b]
-        [--summary-only] [extra args passed to every suite]
+        [--summary-only] [--out-dir DIR] [extra args passed to every suite]
 
 ``--quick`` is passed to every suite (fewer rounds; for ``sae_throughput.py``, which has no
 such flag, it becomes ``--steps 5 --warmup 1``).
@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated suite names")
     p.add_argument("--skip", default="", help="comma-separated suite names")
     p.add_argument("--summary-only", action="store_true", help="only rewrite summary.md")
+    p.add_argument(
+        "--out-dir", default=None, help="write JSON and summary there (default: results/)"
+    )
     args, extra = p.parse_known_args(argv)
     only = [s for s in args.only.split(",") if s]
     skip = {s for s in args.skip.split(",") if s}
@@ -211,6 +214,8 @@ def main(argv=None) -> int:
             cmd += ["--device", args.device]
         if args.quick:
             cmd += QUICK.get(suite, ["--quick"])
+        if args.out_dir:
+            cmd += ["--out", str(Path(args.out_dir).resolve() / f"{suite}.json")]
         print(f"\n=== {suite} ===", flush=True)
         t0 = time.perf_counter()
         if subprocess.call(cmd, cwd=HERE.parent) != 0:
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
         took[suite] = time.perf_counter() - t0
     for suite, s in took.items():
         print(f"{suite}: {s / 60:.1f} min")
-    print(f"wrote {write_summary()}")
+    print(f"wrote {write_summary(Path(args.out_dir) if args.out_dir else RESULTS)}")
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
