@@ -29,7 +29,7 @@ data: short arithmetic word problems whose answers are written in capitals.
 5. ``report.json`` (every number, prompts, positions, layers, seeds, model,
    timings, limitations) and PNG plots in ``--out``.
 
-``--quick`` (≈ 5 min on a 2-core CPU with the embedded SmolLM2-135M) uses 8
+``--quick`` (4.5 min on an idle 2-core CPU with the embedded SmolLM2-135M) uses 8
 evenly spaced layers, small batches, short generations, 1 training seed.
 """
 
