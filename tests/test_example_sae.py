@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from example_helpers import example_module, numbers
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAME = "sae_base_chat_delta"
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(NAME, EXAMPLES / f"{NAME}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
+    with example_module(NAME) as module:
         yield module
-    finally:
-        sys.modules.pop(NAME, None)
-        sys.path.remove(str(EXAMPLES))
 
 
 SMALLEST = [
@@ -46,19 +34,6 @@ SMALLEST = [
 ]  # fmt: skip
 
 
-def _numbers(obj, path="report"):
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return
-    if isinstance(obj, int | float):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}[{i}]")
-
-
 def test_study_runs_on_a_tiny_model(study, tmp_path):
     out = tmp_path / "run"
     assert study.main([*SMALLEST, "--out", str(out)]) == 0
@@ -71,7 +46,7 @@ def test_study_runs_on_a_tiny_model(study, tmp_path):
         "limitations", "plots", "html",
     ):  # fmt: skip
         assert key in report, key
-    for path, value in _numbers(report):
+    for path, value in numbers(report):
         assert math.isfinite(value), path
 
     layers = report["layers"]
