@@ -104,7 +104,11 @@ def interleaved(
     seed: int = 0,
     keep_times: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Time every variant once per round, rotating the order; ratios are per round.
+    """Time every variant once per round, in a seeded random order; ratios are per round.
+
+    The order is shuffled every round (not rotated): with a rotation each variant always
+    follows the same neighbour, so a neighbour's after-effects (memory it still holds,
+    caches it evicted) would bias one variant systematically.
 
     Per variant: ``median_s``; ``ratio`` = median of per-round ratios to ``baseline`` with
     ``ratio_min``/``ratio_max`` and ``ratio_ci95`` (bootstrap over rounds, ``seed``);
@@ -115,8 +119,9 @@ def interleaved(
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        order = rng.sample(names, len(names))
         for n in order:
             sync()
             t0 = time.perf_counter()

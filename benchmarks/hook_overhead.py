@@ -32,19 +32,20 @@ NAMES = "blocks.*.hook_resid_post"
 def build_variants(model, ids, mask, bridge, nn_model):
     hf = model.model
     layers = hf.model.layers
-    stored: list = []
 
     def bare():
         return hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def torch_hooks():
-        stored.clear()
+        # A fresh list per call, returned like interp's cache: nothing outlives the call
+        # (a list kept in the closure would hold 30 activations during other variants).
+        stored: list = []
         handles = [
             layer.register_forward_hook(lambda m, a, out: stored.append(out.detach()))
             for layer in layers
         ]
         try:
-            return hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return hf(input_ids=ids, attention_mask=mask, use_cache=False).logits, stored
         finally:
             for h in handles:
                 h.remove()
