@@ -18,10 +18,23 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from interp.cache import atomic_write
+
 RESULTS = Path(__file__).parent / "results"
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict:
+    """Platform, CPU model, threads, library versions and the load average at the start."""
     import torch
 
     versions = {}
@@ -33,6 +46,7 @@ def machine_info() -> dict:
         "nnsight",
         "sae-lens",
         "peft",
+        "numpy",
     ):
         try:
             versions[dist] = metadata.version(dist)
@@ -40,7 +54,7 @@ def machine_info() -> dict:
             versions[dist] = None
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -147,12 +161,9 @@ def interleaved(
 
 
 def write(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    text = json.dumps(payload, indent=2, default=str) + "\n"
     path = Path(out) if out else RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def table(rows: list[list[object]], header: list[str]) -> str:

@@ -27,45 +27,20 @@ activations.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness
 
 from interp.sae import TopKSAE, evaluate, train
 
 # Issue 4: at least 5× SAELens's tokens/s at equal or better held-out FVU.
 TARGET_SPEEDUP = 5.0
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("interp", "torch", "sae-lens", "transformer-lens", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
 
 
 def load_activations(path: str, d_in: int) -> torch.Tensor:
@@ -172,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    machine = harness.machine_info()
     n_total = args.warmup + args.steps
     batches = make_batches(args, n_total + 1)
     held_out = batches.pop()
@@ -217,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         ours, paired(), lr=lr, eps=1e-8, warmup_steps=0, max_grad_norm=1.0, progress=False
     )
 
-    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    harness.finish(machine)
     ratios = [b / a for a, b in zip(t_ours, t_theirs, strict=True)]
     med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
     fvu_ours = evaluate(ours, [held_out]).fvu
@@ -230,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.device}, {torch.get_num_threads()} threads, data={args.data}, "
         f"{len(ratios)} timed pairs after {args.warmup} warm-up"
     )
-    fmt_load = lambda la: "n/a" if la is None else " / ".join(f"{v:.2f}" for v in la)  # noqa: E731
     table = "\n".join(
         [
             f"| trainer | median step (ms) | tokens/s | FVU held-out after {tokens:,} tokens |",
@@ -242,12 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     verdict = (
         f"Speed-up (median of per-pair ratios): **{speedup:.2f}×** (min {min(ratios):.2f}×, "
         f"max {max(ratios):.2f}×); target ≥ {TARGET_SPEEDUP:g}× at equal or better FVU: "
-        f"**{'met' if met else 'not met'}**. Load average (1/5/15 min) at start "
-        f"{fmt_load(load_start)}, at end {fmt_load(load_end)}."
+        f"**{'met' if met else 'not met'}**. {harness.load_line(machine)}"
     )
-    machine = machine_info()
-    machine["loadavg_start"] = load_start
-    machine["loadavg_end"] = load_end
     payload = {
         "benchmark": "sae_throughput",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -276,11 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             "pairs": len(ratios),
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = harness.write("sae_throughput", payload, args.out)
 
     print()
     print("\n\n".join(payload["markdown"]))

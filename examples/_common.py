@@ -33,11 +33,12 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from interp.cache import atomic_write
 
 __all__ = [
     "Report",
@@ -166,31 +167,10 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot put {type(obj).__name__} into a JSON report")
 
 
-def _umask_mode() -> int:
-    # mkstemp creates files readable by the owner only; give outputs the usual permissions.
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``jsonable(obj)`` to ``path`` atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(obj), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``jsonable(obj)`` to ``path`` atomically (``interp.cache.atomic_write``)."""
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _loadavg() -> list[float] | None:
@@ -288,21 +268,12 @@ def pyplot() -> Any:
 def savefig(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     """Save a figure as PNG atomically and close it."""
     plt = pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return atomic_write(
+            path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        )
     finally:
         plt.close(fig)
-    return path
 
 
 # -- entry point -------------------------------------------------------------------------------

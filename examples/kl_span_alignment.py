@@ -47,10 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contextlib
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,6 +60,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from interp import spans as sp
 from interp import stats
+from interp.cache import atomic_write
 from interp.chat import render
 from interp.losses import kl_span_alignment, predicting_positions, sft_loss
 from interp.train import (
@@ -1048,18 +1047,8 @@ def plot_loss(path: Path, losses: Sequence[float]) -> Path:
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(_common.jsonable(r)) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    text = "".join(json.dumps(_common.jsonable(r)) + "\n" for r in rows)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

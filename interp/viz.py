@@ -32,7 +32,6 @@ path; without it they return the ``Figure``.
 from __future__ import annotations
 
 import html as _html
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -156,16 +155,8 @@ def save_html(obj: Any, path: str | Path, *, title: str = "interp") -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-        _umask_mode(tmp)
 
     return atomic_write(path, write)
-
-
-def _umask_mode(path: str) -> None:
-    """Give a temp file (``mkstemp`` makes it 0600) the mode a plain ``open`` would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def str_tokens(
@@ -376,11 +367,7 @@ def _figure(figsize: tuple[float, float]) -> Any:
 def save_png(fig: Any, path: str | Path, *, dpi: int = 150) -> Path:
     """Write a matplotlib ``Figure`` as PNG atomically (temp file + rename)."""
 
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        _umask_mode(tmp)
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def _finish(fig: Any, path: str | Path | None, dpi: int) -> Any:
