@@ -103,9 +103,6 @@ def main(argv=None) -> dict:
         f"target capture_grads ≤ {TARGET}× forward+backward: {harness.judge(res[key], TARGET)}"
     )
     harness.finish(machine)
-    print(harness.table(rows, header))
-    print(verdict)
-    print(harness.load_line(machine))
     payload = {
         "benchmark": "grad_capture",
         "machine": machine,
@@ -115,14 +112,16 @@ def main(argv=None) -> dict:
         "vs_forward_backward": res,
         "vs_activations_only": vs_act,
         "target": {"max_ratio": TARGET, "judged_on": "median per-round ratio", "met": ok},
-        "markdown": [
-            f"{args.batch}×{args.tokens} tokens, {args.rounds} interleaved rounds.",
-            harness.table(rows, header),
-            verdict,
-            harness.load_line(machine),
-        ],
     }
-    print(f"wrote {harness.write('grad_capture', payload, args.out)}")
+    harness.publish(
+        "grad_capture",
+        payload,
+        rows,
+        header,
+        [verdict, harness.load_line(machine)],
+        intro=f"{args.batch}×{args.tokens} tokens, {args.rounds} interleaved rounds.",
+        out=args.out,
+    )
     return payload
 
 

@@ -160,6 +160,26 @@ def interleaved(
     return out
 
 
+def publish(
+    name: str,
+    payload: dict,
+    rows: list[list[object]],
+    header: list[str],
+    notes: list[str],
+    intro: str | None = None,
+    out: str | Path | None = None,
+) -> Path:
+    """End of a suite: print its table and notes, keep them in ``payload["markdown"]`` (what
+    the docs and ``summary.md`` render: intro, table, notes) and write the JSON."""
+    tbl = table(rows, header)
+    payload["markdown"] = [*([intro] if intro else []), tbl, *notes]
+    print(tbl)
+    print("\n".join(notes))
+    path = write(name, payload, out)
+    print(f"wrote {path}")
+    return path
+
+
 def write(name: str, payload: dict, out: str | Path | None = None) -> Path:
     text = json.dumps(payload, indent=2, default=str) + "\n"
     path = Path(out) if out else RESULTS / f"{name}.json"

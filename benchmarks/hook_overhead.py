@@ -154,16 +154,10 @@ def main(argv=None) -> dict:
             f"({m['one_position_bytes']:,} vs {m['full_bytes']:,} bytes; 1/T = {m['bound_1_over_T']:.4f})"
         )
     verdict_lines = [f"target interp capture ≤ {TARGET}× at {s}: {v}" for s, v in verdicts.items()]
-    results["markdown"] = [
-        harness.table(rows, header),
-        "\n".join(["- " + line for line in mem_lines + verdict_lines]),
-        harness.load_line(machine),
-    ]
-    print(harness.table(rows, header))
-    print("\n".join(mem_lines + verdict_lines))
-    print(harness.load_line(machine))
-    path = harness.write("hook_overhead", results, args.out)
-    print(f"wrote {path}")
+    notes = ["\n".join(["- " + line for line in mem_lines + verdict_lines])]
+    harness.publish(
+        "hook_overhead", results, rows, header, [*notes, harness.load_line(machine)], out=args.out
+    )
     return results
 
 

@@ -238,10 +238,7 @@ def main(argv=None) -> dict:
         f"{args.repeats} run(s) each; measure: {', '.join(measures)} (see `benchmarks/memory.py`).",
         harness.load_line(machine),
     ]
-    results["markdown"] = [notes[0], harness.table(rows, header), notes[1]]
-    print(harness.table(rows, header))
-    print("\n".join(notes))
-    print(f"wrote {harness.write('memory', results, args.out)}")
+    harness.publish("memory", results, rows, header, notes[1:], intro=notes[0], out=args.out)
     return results
 
 

@@ -133,10 +133,9 @@ def main(argv=None) -> dict:
         ),
         harness.load_line(machine),
     ]
-    results["markdown"] = [notes[0], harness.table(rows, header), *notes[1:]]
-    print(harness.table(rows, header))
-    print("\n".join(notes))
-    print(f"wrote {harness.write('router_tracing', results, args.out)}")
+    harness.publish(
+        "router_tracing", results, rows, header, notes[1:], intro=notes[0], out=args.out
+    )
     return results
 
 

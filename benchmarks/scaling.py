@@ -99,10 +99,7 @@ def main(argv=None) -> dict:
         f"Model `{args.model}`, `{NAMES}` at every layer, interleaved with a bare forward.",
         harness.load_line(machine),
     ]
-    results["markdown"] = [notes[0], harness.table(rows, header), notes[1]]
-    print(harness.table(rows, header))
-    print("\n".join(notes))
-    print(f"wrote {harness.write('scaling', results, args.out)}")
+    harness.publish("scaling", results, rows, header, notes[1:], intro=notes[0], out=args.out)
     return results
 
 

@@ -120,8 +120,6 @@ def main(argv=None) -> dict:
         f"{check['steered_text']!r}).",
         harness.load_line(machine),
     ]
-    print(harness.table(rows, header))
-    print("\n".join(notes))
     payload = {
         "benchmark": "steering",
         "machine": machine,
@@ -132,9 +130,8 @@ def main(argv=None) -> dict:
         "new_tokens": args.new_tokens,
         "check": check,
         "results": res,
-        "markdown": [notes[0], harness.table(rows, header), *notes[1:]],
     }
-    print(f"wrote {harness.write('steering', payload, args.out)}")
+    harness.publish("steering", payload, rows, header, notes[1:], intro=notes[0], out=args.out)
     return payload
 
 
