@@ -72,26 +72,24 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
     def add(suite, size, what, result, target="", verdict="", load=""):
         rows.append([suite, size, what, result, target, verdict, load])
 
-    if d := read("hook_overhead"):
+    def per_size(suite: str, d: dict, target_key: str, is_target) -> None:
+        """Rows of a suite timed per batch×tokens size against a bare forward; the variants
+        ``is_target`` accepts carry the target and its verdict."""
         load, tgt = _load(d.get("machine")), d.get("target", {})
-        t = tgt.get("interp_capture_max_ratio")
+        t = tgt.get(target_key)
         for size, group in d.get("sizes", {}).items():
             for name, r in _variants(group).items():
                 if name == "bare forward":
                     continue
-                mine = name == "interp capture"
+                mine = is_target(name)
                 verdict = (tgt.get("verdicts") or {}).get(size, "") if mine else ""
                 if mine and not verdict and t:
                     verdict = harness.judge(r, t)
-                add(
-                    "hook_overhead",
-                    size,
-                    f"{name} / bare forward",
-                    _ci(r),
-                    f"≤ {t}×" if mine and t else "",
-                    verdict,
-                    load,
-                )
+                target = f"≤ {t}×" if mine and t else ""
+                add(suite, size, f"{name} / bare forward", _ci(r), target, verdict, load)
+
+    if d := read("hook_overhead"):
+        per_size("hook_overhead", d, "interp_capture_max_ratio", lambda n: n == "interp capture")
     if d := read("grad_capture"):
         load, t = _load(d.get("machine")), d.get("target", {}).get("max_ratio")
         key = "interp capture_grads (1 position, all layers)"
@@ -109,23 +107,12 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
             if name != "bare generate":
                 add("steering", size, f"{name} / bare generate", _ci(r), load=load)
     if d := read("router_tracing"):
-        load, tgt = _load(d.get("machine")), d.get("target", {})
-        t = tgt.get("trace_max_ratio")
-        for size, group in d.get("sizes", {}).items():
-            for name, r in _variants(group).items():
-                if name == "bare forward":
-                    continue
-                mine = name.startswith("moe.trace") and "with logits" in name
-                verdict = (tgt.get("verdicts") or {}).get(size, "") if mine else ""
-                add(
-                    "router_tracing",
-                    size,
-                    f"{name} / bare forward",
-                    _ci(r),
-                    f"≤ {t}×" if mine and t else "",
-                    verdict,
-                    load,
-                )
+        per_size(
+            "router_tracing",
+            d,
+            "trace_max_ratio",
+            lambda n: n.startswith("moe.trace") and "with logits" in n,
+        )
     if d := read("memory"):
         load = _load(d.get("machine"))
         for size, per in d.get("sizes", {}).items():
