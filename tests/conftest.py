@@ -26,6 +26,18 @@ settings.load_profile("interp")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests, restored afterwards; a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``. Tiny matmuls gain
+    nothing from threads, and on a busy 2-core machine two threads spin-wait and make them
+    up to ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct model (cached after the first load)."""

@@ -11,15 +11,7 @@ import interp
 from interp import moe
 from interp.families import MOE_FAMILIES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box two threads
-    spin-wait and make each matmul ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["The quick brown fox.", "Hi", "Mixture of experts routes tokens."]

@@ -13,14 +13,7 @@ import interp
 from interp import moe, moefy
 from interp.routing import RoutingRule, edit_logits, select_experts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (see tests/test_moe_steer.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Experts route tokens.", "0123 abc"]

@@ -13,15 +13,7 @@ from hypothesis import strategies as st
 from interp.families import MOE_FAMILIES, tiny_hf
 from interp.routing import ROUTING_FAMILIES, RoutingRule, edit_logits, select_experts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box two threads
-    spin-wait and make each matmul ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

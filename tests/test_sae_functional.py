@@ -21,15 +21,7 @@ from interp.sae.functional import (
     topk_encode_dense,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronization, which becomes
-    # very slow when other test processes share the two cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 sizes = st.tuples(

@@ -10,13 +10,7 @@ import torch
 from interp.sae import SAEOutput, TopKActivations, TopKSAE, TopKSAEConfig
 from interp.sae.functional import topk_encode_dense
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sae(d_in=8, d_sae=32, k=4, seed=0, **kw) -> TopKSAE:

@@ -10,12 +10,7 @@ from interp.sae import TopKSAE, from_saelens, load_saelens, to_saelens
 sae_lens = pytest.importorskip("sae_lens")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ours(seed=0) -> TopKSAE:

@@ -17,13 +17,7 @@ from hypothesis import strategies as st
 
 from interp.sae import TopKSAE, TrainConfig, default_lr, evaluate, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n_batches=6, batch=32, d_in=8, seed=0, dtype=torch.float32):

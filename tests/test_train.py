@@ -29,15 +29,7 @@ from interp.train import (
     weighted_sum,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: with two threads on a shared 2-core box, thread contention
-    # makes each step ~50x slower than with one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(i: int) -> dict:
