@@ -11,6 +11,7 @@ failure. This module holds only what all of them need:
 * :class:`Report` — a JSON report saved atomically (temp file + ``os.replace``)
   after every step, with per-step wall times from :meth:`Report.step` and the
   final status from :meth:`Report.running`; :func:`environment` for its header;
+  :func:`run_study` puts them together as a study's ``main``;
 * :func:`pyplot` / :func:`savefig` — matplotlib on the Agg backend, PNGs
   written atomically;
 * :func:`progress`, :func:`log`, :func:`read_jsonl`, :func:`evenly_spaced`.
@@ -52,6 +53,7 @@ __all__ = [
     "pyplot",
     "read_jsonl",
     "run",
+    "run_study",
     "savefig",
     "setup",
     "write_json",
@@ -277,6 +279,32 @@ def savefig(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
 
 
 # -- entry point -------------------------------------------------------------------------------
+def run_study(
+    name: str,
+    question: str,
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    settings: Mapping[str, Any],
+    body: Callable[[Report], None],
+) -> Report:
+    """A study's ``main`` after its arguments are parsed: a :class:`Report` in ``args.out``
+    with the question, command line, settings, seed and :func:`environment`; ``body(report)``
+    under :meth:`Report.running`; the report's path and wall time logged."""
+    report = Report(
+        args.out,
+        study=name,
+        question=question,
+        command=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+        settings=dict(settings),
+        seed=args.seed,
+        environment=environment(args),
+    )
+    with report.running():
+        body(report)
+    log(f"report: {report.path} ({report['timings']['total_s']:.0f}s)")
+    return report
+
+
 def run(main: Callable[[Sequence[str] | None], int]) -> None:
     """``sys.exit(main())``; an exception prints its traceback and exits with status 1."""
     try:

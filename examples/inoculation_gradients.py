@@ -1304,20 +1304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     C.setup(args)
     s = settings_from(args)
-    out = Path(args.out)
-    report = C.Report(
-        out,
-        study=NAME,
-        question="Does inoculation prompting reduce trait drift by rotating training gradients "
+    C.run_study(
+        NAME,
+        "Does inoculation prompting reduce trait drift by rotating training gradients "
         "away from a trait direction (ALL-CAPS), beyond what a loss-matched control does?",
-        command=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
-        settings=dataclasses.asdict(s),
-        seed=args.seed,
-        environment=C.environment(args),
+        args,
+        argv,
+        dataclasses.asdict(s),
+        lambda report: _run(args, s, report, Path(args.out)),
     )
-    with report.running():
-        _run(args, s, report, out)
-    C.log(f"report: {report.path}")
     return 0
 
 

@@ -553,20 +553,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     C.setup(args)
     s = settings_from(args)
-    out = Path(args.out)
-    report = C.Report(
-        out,
-        study=NAME,
-        question="Which experts' routing tracks document grounding and refusal, and does "
+    C.run_study(
+        NAME,
+        "Which experts' routing tracks document grounding and refusal, and does "
         "deactivating them steer faithfulness and safety beyond random experts?",
-        command=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
-        settings=dataclasses.asdict(s),
-        seed=args.seed,
-        environment=C.environment(args),
+        args,
+        argv,
+        dataclasses.asdict(s),
+        lambda report: _run(args, s, report, Path(args.out)),
     )
-    with report.running():
-        _run(args, s, report, out)
-    C.log(f"report: {report.path} ({report['timings']['total_s']:.0f}s)")
     return 0
 
 
