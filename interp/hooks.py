@@ -138,12 +138,25 @@ def _unknown_name_message(name: str, available: Sequence[str]) -> str:
 
 
 def checked(fn: HookFn, point: HookPoint) -> Callable[[Tensor], Tensor | None]:
-    """Call ``fn(tensor, point)`` and validate a replacement against the original."""
+    """Call ``fn(tensor, point)``; return what the model must use instead, or ``None``.
+
+    The contract every adapter relies on:
+
+    * ``None`` means the activation is unchanged: ``fn`` returned ``None`` (or the same
+      tensor) *and* did not edit it in place.
+    * Otherwise the returned tensor replaces the activation. A hook that edits its input
+      in place (``act[:] = 0; return act``, or the same without ``return``) gets the
+      mutated tensor back, detected through the tensor's version counter, so an adapter
+      that derives an activation (``resid_mid`` on Hugging Face models) or re-runs a
+      rule on it (router logits) writes the edit back instead of dropping it.
+    * A replacement of another shape or dtype raises ``HookReplacementError``.
+    """
 
     def call(tensor: Tensor) -> Tensor | None:
+        version = tensor._version
         out = fn(tensor, point)
         if out is None or out is tensor:
-            return out
+            return tensor if tensor._version != version else None
         if not isinstance(out, Tensor):
             raise HookReplacementError(
                 f"hook {point.name!r} returned {type(out).__name__}; return a Tensor or None"

@@ -25,7 +25,7 @@ read-only hook.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
@@ -93,6 +93,27 @@ FAMILY_LAYOUTS: dict[str, Layout] = {
 }
 
 
+class _Part(Protocol):
+    """Hook points inside a block (attention, norms, MLP …), each kind in its own module.
+
+    ``layer_names(adapter, layer)`` / ``global_names(adapter)`` list the names it adds;
+    ``register(adapter, name, call, backward)`` returns the handles for a name it owns,
+    or ``None`` for a name it does not own. ``call`` is ``interp.hooks.checked``'s
+    wrapper: it returns ``None`` when the activation is unchanged, else the tensor to use.
+    """
+
+    def layer_names(self, adapter: HFHookedModel, layer: int) -> list[str]: ...
+
+    def global_names(self, adapter: HFHookedModel) -> list[str]: ...
+
+    def register(
+        self, adapter: HFHookedModel, name: str, call: Any, backward: bool
+    ) -> list[Any] | None: ...
+
+
+_PARTS: list[_Part] = []  # filled below by the modules that define each part
+
+
 def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -145,7 +166,11 @@ class HFHookedModel(HookedModelBase):
                     f"blocks.{i}.mlp.hook_expert_weights",
                     f"blocks.{i}.mlp.hook_expert_indices",
                 ]
+            for part in _PARTS:
+                names += part.layer_names(self, i)
         names.append("ln_final.hook_normalized")
+        for part in _PARTS:
+            names += part.global_names(self)
         self._hook_names = tuple(names)
         self.cfg = _config(config, family, len(self._layers), self._moe_layers)
         self._routing_rule = None
@@ -171,6 +196,10 @@ class HFHookedModel(HookedModelBase):
     # -- hooks -----------------------------------------------------------------
     def _register(self, name: str, fn: HookFn, point: HookPoint, backward: bool) -> list[Any]:
         call = checked(fn, point)
+        for part in _PARTS:
+            handles = part.register(self, name, call, backward)
+            if handles is not None:
+                return handles
         if name == "hook_embed":
             return [_output_hook(_get(self._base, self.layout.embed), call, backward)]
         if name == "ln_final.hook_normalized":
@@ -207,8 +236,8 @@ class HFHookedModel(HookedModelBase):
             resid = stash.pop("resid")
             attn = _first(output)
             mid = resid + attn  # the sum the model itself computes next
-            new = call(mid)
-            if new is None or new is mid:
+            new = call(mid)  # an in-place edit of mid comes back as mid itself
+            if new is None:
                 return None
             return _with_first(output, new - resid)
 
@@ -231,7 +260,7 @@ class HFHookedModel(HookedModelBase):
             b, t = shape.get("bt", (1, output[0].shape[0]))
             value = output[slot]
             new = call(value.view(b, t, value.shape[-1]))
-            if new is None or new is value:
+            if new is None:
                 return None
             new = new.reshape(value.shape)
             out = list(output)
@@ -276,7 +305,7 @@ def _output_hook(module: nn.Module, call, backward: bool):
     def fwd(_mod, _args, output):
         t = _first(output)
         new = call(t)
-        if new is None or new is t:
+        if new is None:
             return None
         return _with_first(output, new)
 
@@ -292,7 +321,7 @@ def _input_hook(module: nn.Module, call, backward: bool):
                 t.register_hook(call)
             return None
         new = call(t)
-        if new is None or new is t:
+        if new is None:
             return None
         if in_args:
             return (new, *args[1:]), kwargs
