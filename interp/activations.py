@@ -17,7 +17,7 @@ from torch import Tensor
 
 from interp.cache import ActivationCache
 from interp.hooks import HookPoint
-from interp.positions import as_batch, selector
+from interp.positions import as_batch, running, selector
 
 __all__ = ["capture"]
 
@@ -40,16 +40,19 @@ def capture(
         batch: text(s), ``[batch, pos]`` ids, a dict with ``input_ids``, or a ``Batch``
             (``interp.chat.encode`` output, which carries named positions).
         names: hook names or glob patterns, e.g. ``"blocks.*.hook_resid_post"``.
-        positions: ``None`` (all), an int, a list of ints, a ``[batch, pos]`` bool mask,
-            a named position (``"pre_assistant"``, ``"user_end"``, ``"assistant"`` …), or a
-            list of one-token named positions (``["user_end", "pre_assistant"]``).
+        positions: ``None`` (all), an int, a list of ints, a named position
+            (``"pre_assistant"``, ``"user_end"``, ``"assistant"`` …) or a list of one-token
+            named positions, a ``[batch]`` / ``[batch, n]`` integer tensor of per-row
+            positions, or a ``[batch, pos]`` bool mask (``interp.positions.selector``). On
+            ``[batch, head, q, k]`` patterns and scores they select query positions.
         dtype, device: storage dtype/device of the captured tensors.
         return_logits: also return the logits, as ``(logits, cache)``.
 
     Returns:
         An ``ActivationCache``. Per hook: ``[batch, pos, d]`` for all positions,
-        ``[batch, d]`` for an int or a one-per-row named position, ``[batch, n, d]`` for
-        a list of ints or of named positions, ``[n_selected, d]`` for a mask.
+        ``[batch, d]`` for an int or a one-per-row position, ``[batch, n, d]`` for a list
+        of ints or ``n`` per-row positions, ``[n_selected, d]`` for a mask (patterns and
+        scores keep their head axis in front of the query axis).
     """
     batch = as_batch(model, batch)
     resolved = model.resolve(names)
@@ -58,12 +61,12 @@ def capture(
     convert = dtype is not None or device is not None
 
     def keep(tensor: Tensor, hook: HookPoint) -> None:
-        value = sel(tensor.detach())
+        value = sel.select(tensor.detach(), hook.name)
         if sel.kind == "index" and isinstance(sel.index, int):
             value = value.clone()  # a basic-index view would pin the whole sequence
         store[hook.name] = value.to(device=device, dtype=dtype) if convert else value
 
-    with torch.no_grad(), model.hooks(fwd=[(n, keep) for n in resolved]):
+    with torch.no_grad(), running(batch), model.hooks(fwd=[(n, keep) for n in resolved]):
         logits = model.forward(batch.input_ids, batch.attention_mask, **forward_kwargs)
     cache = ActivationCache(
         {n: store[n] for n in resolved if n in store},

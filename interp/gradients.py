@@ -21,7 +21,7 @@ from torch import Tensor
 
 from interp.cache import ActivationCache
 from interp.hooks import HookPoint
-from interp.positions import Batch, as_batch, selector
+from interp.positions import Batch, as_batch, running, selector
 
 __all__ = ["GradientCapture", "capture_grads"]
 
@@ -73,17 +73,18 @@ def capture_grads(
         root.append(tensor)
 
     def keep_grad(grad: Tensor, hook: HookPoint) -> None:
-        g = sel(grad.detach())
+        g = sel.select(grad.detach(), hook.name)
         grads[hook.name] = g.to(dtype) if dtype is not None else g
 
     def keep_act(tensor: Tensor, hook: HookPoint) -> None:
-        a = sel(tensor.detach())
+        a = sel.select(tensor.detach(), hook.name)
         acts[hook.name] = a.to(dtype) if dtype is not None else a
 
     fwd = [("hook_embed", keep_root)]
     if return_activations:
         fwd += [(n, keep_act) for n in resolved]
-    with torch.enable_grad(), model.hooks(fwd=fwd, bwd=[(n, keep_grad) for n in resolved]):
+    bwd = [(n, keep_grad) for n in resolved]
+    with torch.enable_grad(), running(batch), model.hooks(fwd=fwd, bwd=bwd):
         logits = model.forward(batch.input_ids, batch.attention_mask, **forward_kwargs)
         loss = loss_fn(logits, batch)
         if not isinstance(loss, Tensor) or not loss.requires_grad:

@@ -305,10 +305,11 @@ class HookedModelBase:
         raise NotImplementedError
 
     def __call__(self, input: Any, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
-        from interp.positions import as_batch
+        from interp.positions import as_batch, running
 
         batch = as_batch(self, input, attention_mask)
-        return self.forward(batch.input_ids, batch.attention_mask, **kw)
+        with running(batch):  # interventions resolve named positions against it
+            return self.forward(batch.input_ids, batch.attention_mask, **kw)
 
     def to_tokens(self, text: str | Sequence[str], padding_side: str = "right"):
         """Tokenize text(s) into a padded ``Batch`` on the model's device."""

@@ -1,8 +1,17 @@
 """Interventions as hook factories: each returns ``fn(tensor, hook)`` for ``model.hooks``.
 
 They compose (``compose(a, b)``), work on any backend, and work inside
-``generate``: ``positions`` index the tokens of the current forward call
-(``None`` = every position, which is what steering during generation wants).
+``generate``. ``positions=`` means what it means for ``capture``
+(``interp.positions.selector``): ``None`` (every position, what steering during
+generation wants), an int or list of ints (the same columns in every row), a named
+position such as ``"user_end"`` (resolved against the ``Batch`` being run), a
+``[batch]`` / ``[batch, n]`` tensor of per-row positions, or a ``[batch, pos]`` mask.
+On ``[batch, head, q, k]`` patterns and scores they select query positions. A position
+that does not fit the activation raises ``PositionError`` naming the hook and the shapes.
+
+During ``generate``, positions index the prompt: they are edited on the forward pass
+over the prompt (whose keys and values the later steps attend to), and the one-token
+decoding steps after it are left alone. Outside ``generate`` every forward pass must fit.
 
     v = direction.vector(layer)
     with model.hooks(fwd=[(f"blocks.{layer}.hook_resid_post", add_direction(v, 4.0))]):
@@ -19,6 +28,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.hooks import HookPoint
+from interp.positions import (
+    PositionError,
+    Selector,
+    decoding_step,
+    running_batch,
+    selector,
+)
 
 __all__ = [
     "add_direction",
@@ -30,39 +46,40 @@ __all__ = [
 ]
 
 Hook = Callable[[Tensor, HookPoint], Tensor | None]
-Positions = int | Sequence[int] | Tensor | None
+Positions = int | Sequence[int] | Sequence[str] | str | Tensor | None
 
 
-def _index(positions: Positions, tensor: Tensor) -> Any:
-    """Index for ``tensor[index]`` over ``[batch, pos, ...]``; ``None`` when out of range."""
-    if positions is None:
-        return slice(None)
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        if positions.shape != tensor.shape[:2]:
-            return None  # a mask for another sequence length (e.g. a cached generation step)
-        return positions.to(tensor.device)
-    idx = torch.as_tensor(positions, device=tensor.device).reshape(-1)
-    T = tensor.shape[1]
-    if bool(((idx >= T) | (idx < -T)).any()):
-        return None  # e.g. a single-token generation step after the prompt
-    return (slice(None), idx)
+def _positions(positions: Any) -> Callable[[], Selector]:
+    """Resolve ``positions`` once, or on every forward pass when it names positions of the
+    batch being run (``interp.positions.running_batch``)."""
+    named = isinstance(positions, str) or (
+        isinstance(positions, list | tuple) and any(isinstance(p, str) for p in positions)
+    )
+    if named:
+        return lambda: selector(positions, running_batch())
+    fixed = selector(positions, None)
+    return lambda: fixed
+
+
+def _resolved(resolve: Callable[[], Selector], hook: HookPoint, tensor: Tensor) -> Selector:
+    try:
+        return resolve()
+    except (KeyError, PositionError) as exc:
+        raise PositionError(
+            f"hook {hook.name!r} (activation {tuple(tensor.shape)}): {exc.args[0]}"
+        ) from None
 
 
 def _edit(positions: Positions, edit: Callable[[Tensor], Tensor]) -> Hook:
+    resolve = _positions(positions)
+
     def hook(tensor: Tensor, hook: HookPoint) -> Tensor | None:
-        if tensor.ndim < 3:
-            raise ValueError(
-                f"hook {hook.name!r}: interventions expect [batch, pos, ...] activations, "
-                f"got shape {tuple(tensor.shape)}"
-            )
-        index = _index(positions, tensor)
-        if index is None:
-            return None
-        if positions is None:
+        sel = _resolved(resolve, hook, tensor)
+        if sel.kind == "all":
             return edit(tensor)
-        out = tensor.clone()
-        out[index] = edit(tensor[index])
-        return out
+        if decoding_step():
+            return None  # positions index the prompt; its forward pass was edited
+        return sel.scatter(tensor, edit(sel.select(tensor, hook.name)), hook.name)
 
     return hook
 
@@ -115,6 +132,7 @@ def patch_from(
     ``cache`` holds full-sequence activations of another run (``capture(..., positions=None)``)
     with the same shape; ``name`` overrides which cache entry to read.
     """
+    resolve = _positions(positions)
 
     def hook(tensor: Tensor, hook: HookPoint) -> Tensor | None:
         source = cache[name or hook.name].to(device=tensor.device, dtype=tensor.dtype)
@@ -124,18 +142,16 @@ def patch_from(
                 f"{tuple(tensor.shape)}; capture the source run with positions=None on "
                 "inputs of the same shape"
             )
-        index = _index(positions, tensor)
-        if index is None:
-            return None
-        out = tensor.clone()
-        out[index] = source[index]
-        return out
+        sel = _resolved(resolve, hook, tensor)
+        if sel.kind == "all":
+            return source
+        return sel.scatter(tensor, sel.select(source, hook.name), hook.name)
 
     return hook
 
 
 def compose(*hooks: Hook) -> Hook:
-    """Apply hooks in order, each seeing the previous one's output."""
+    """Apply hooks in order, each seeing the previous one's output (in-place edits included)."""
 
     def hook(tensor: Tensor, point: HookPoint) -> Tensor | None:
         current = tensor
@@ -143,6 +159,6 @@ def compose(*hooks: Hook) -> Hook:
             new = h(current, point)
             if new is not None:
                 current = new
-        return None if current is tensor else current
+        return current
 
     return hook

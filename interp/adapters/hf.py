@@ -182,16 +182,23 @@ class HFHookedModel(HookedModelBase):
 
     def generate(self, *args: Any, **kwargs: Any) -> Tensor:
         """``transformers`` ``generate``; hooks registered with ``hooks()`` apply at every step."""
-        from interp.positions import Batch, as_batch
+        from interp.positions import Batch, as_batch, running
 
-        if args and isinstance(args[0], (Batch, str, list, dict)):
+        if args and isinstance(args[0], (Batch, str, list, dict, Tensor)):
             batch = as_batch(self, args[0])
             args = args[1:]
             kwargs.setdefault("input_ids", batch.input_ids)
             kwargs.setdefault("attention_mask", batch.attention_mask)
+        else:
+            ids = kwargs.get("input_ids")
+            batch = as_batch(self, ids, kwargs.get("attention_mask")) if ids is not None else None
         if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return self.model.generate(*args, **kwargs)
+        if batch is None:
+            return self.model.generate(*args, **kwargs)
+        # Interventions with positions edit the prompt's forward pass, not the decoding steps.
+        with running(batch, generating=self._base):
+            return self.model.generate(*args, **kwargs)
 
     # -- hooks -----------------------------------------------------------------
     def _register(self, name: str, fn: HookFn, point: HookPoint, backward: bool) -> list[Any]:
