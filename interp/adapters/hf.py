@@ -379,3 +379,8 @@ def _config(config: Any, family: str, n_layers: int, moe_layers: tuple[int, ...]
         experts_per_token=int(getattr(text, "num_experts_per_tok", 0) or 0) if moe_layers else 0,
         moe_layers=moe_layers,
     )
+
+
+from interp.adapters import hf_attention  # noqa: E402
+
+_PARTS.append(hf_attention)
