@@ -397,3 +397,52 @@ def test_bf16_capture_and_edit():
     assert (rows - 1).abs().max().item() < 1e-2
     assert torch.equal(clean, same)
     assert (edited.float() - clean.float()).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_sliding_window_shorter_than_the_sequence_matches_the_bridge(family):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tok = tiny_hf(family, sliding_window=4)
+    model.config.architectures = [type(model).__name__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            "t", hf_model=copy.deepcopy(model), tokenizer=tok
+        )
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    hf = HFHookedModel(model, tok)
+    ids = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(0))
+    names = attn_names(hf, 0)
+    with torch.no_grad():
+        ours = interp.capture(hf, ids, names)
+        _, theirs = bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+        hooks = [("blocks.0.attn.hook_z", zero_head)]
+        edited = hf.run_with_hooks(ids, fwd_hooks=hooks)
+        assert (edited - bridge_logits(bridge, ids, hooks)).abs().max().item() <= TOL
+    causal = 2 * 4 * 45  # masked entries of a causal 10x10 pattern, 2 rows x 4 heads
+    assert torch.isneginf(ours["blocks.0.attn.hook_attn_scores"]).sum().item() > causal
+    for name in names:
+        assert max_diff(ours[name], theirs[name]) <= TOL, name
+
+
+def test_peft_and_two_adapters_over_one_model():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_hf("llama")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    a, b = HFHookedModel(peft_model, tok), HFHookedModel(peft_model, tok)
+    layer = peft_model.get_base_model().model.layers[0]
+    with torch.no_grad():
+        clean = a(IDS)
+        cache = interp.capture(a, IDS, ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_q"])
+        q = layer.self_attn.q_proj(layer.input_layernorm(cache["blocks.0.hook_resid_pre"]))
+        assert torch.equal(cache["blocks.0.attn.hook_q"], q.view(2, 7, 4, 16))  # LoRA included
+        with a.hooks(fwd=[("blocks.0.attn.hook_pattern", lambda t, h: None)]):
+            with b.hooks(fwd=[("blocks.1.attn.hook_z", zero_head)]):
+                pass
+            # b's exit must not switch a's hooks off
+            assert model.config._attn_implementation == IMPLEMENTATION
+            assert torch.equal(a(IDS), clean)
+    assert model.config._attn_implementation == "eager"

@@ -81,6 +81,8 @@ _REGISTRY: weakref.WeakKeyDictionary[nn.Module, dict[str, list[tuple[Any, bool]]
     weakref.WeakKeyDictionary()
 )
 _EAGER: dict[type, Any] = {}
+# model -> its switch of ``_attn_implementation`` (counts the hooks that need it)
+_STATES: weakref.WeakKeyDictionary[nn.Module, _SwitchState] = weakref.WeakKeyDictionary()
 
 
 # -- which layout an attention module has ------------------------------------------------
@@ -196,9 +198,10 @@ class _InnerHandle:
     """One hook inside the attention function; the first one switches the implementation."""
 
     def __init__(self, adapter: Any, attn: nn.Module, kind: str, entry: tuple[Any, bool]):
-        state = adapter.__dict__.get("_interp_attention_state")
+        # One state per model, not per adapter: two adapters over one model share it.
+        state = _STATES.get(adapter._base)
         if state is None:
-            state = adapter.__dict__["_interp_attention_state"] = _SwitchState(adapter)
+            state = _STATES[adapter._base] = _SwitchState(adapter)
         state.acquire()  # switches first: if it raises, nothing was added
         _REGISTRY.setdefault(attn, {}).setdefault(kind, []).append(entry)
         self._state, self._attn, self._kind, self._entry = state, attn, kind, entry
@@ -228,20 +231,15 @@ class _SwitchState:
     """Counts inner hooks of one model; sets and restores ``_attn_implementation``."""
 
     def __init__(self, adapter: Any):
-        self._adapter = weakref.ref(adapter)
         self.count = 0
         self.saved: list[tuple[Any, Any]] = []
-
-    def _configs(self) -> list[Any]:
-        adapter = self._adapter()
-        roots = [adapter._base.config] if adapter is not None else []
-        if adapter is not None:
-            for layer in adapter._layers:
-                attn = attention_module(layer)
-                if attn is not None and getattr(attn, "config", None) is not None:
-                    roots.append(attn.config)
+        roots = [adapter._base.config]
+        for layer in adapter._layers:
+            cfg = getattr(attention_module(layer), "config", None)
+            if cfg is not None:
+                roots.append(cfg)
         seen: dict[int, Any] = {}
-        while roots:
+        while roots:  # every config the attention modules read, with their sub-configs
             cfg = roots.pop()
             if id(cfg) in seen:
                 continue
@@ -250,14 +248,15 @@ class _SwitchState:
                 sub = getattr(cfg, key, None)
                 if sub is not None:
                     roots.append(sub)
-        return list(seen.values())
+        self.configs = list(seen.values())
 
     def acquire(self) -> None:
         if self.count == 0:
-            configs = self._configs()
-            self.saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
+            self.saved = [
+                (c, c.__dict__.get("_attn_implementation_internal")) for c in self.configs
+            ]
             try:
-                for c in configs:
+                for c in self.configs:
                     c._attn_implementation = IMPLEMENTATION
             except BaseException:
                 self._restore()
@@ -325,9 +324,11 @@ def hooked_attention_forward(
     ``query`` is ``[batch, head, pos, d]``, ``key``/``value`` ``[batch, kv_head, kv_pos, d]``,
     as ``transformers`` passes them to every attention function.
     """
-    hooks = _REGISTRY.get(module) if _hooks is None else _hooks
-    if not hooks:
-        return _eager_of(module)(module, query, key, value, attention_mask, **kwargs)
+    hooks = _hooks
+    if hooks is None:
+        hooks = _REGISTRY.get(module)
+        if not hooks:  # this layer has no hook: the family's own eager attention
+            return _eager_of(module)(module, query, key, value, attention_mask, **kwargs)
     get = hooks.get
     scaling = kwargs.get("scaling")
     dropout = kwargs.get("dropout", 0.0) or 0.0
