@@ -96,44 +96,82 @@ class ModelConfig:
         return self.n_experts > 0
 
 
-def resolve_names(patterns: str | Iterable[str], available: Sequence[str]) -> list[str]:
+PATH_SUFFIXES = (".hook_in", ".hook_out")
+_INDEX_RE = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def resolve_names(
+    patterns: str | Iterable[str],
+    available: Sequence[str],
+    modules: Sequence[str] | Callable[[], Sequence[str]] = (),
+) -> list[str]:
     """Expand names and glob patterns against ``available``, keeping model order.
 
-    Raises ``HookNameError`` with the closest valid names when a name or a
-    pattern matches nothing.
+    ``modules`` is a second namespace that is not listed in ``hook_names`` (on Hugging Face
+    models ``<module path>.hook_in`` / ``.hook_out`` for every submodule; a callable is
+    called only when needed): a name or pattern ending in ``.hook_in`` / ``.hook_out``
+    matches in it too, any other pattern (``"*"``, ``"blocks.*.hook_*"``) does not, so
+    ``run_with_cache()`` and ``"*"`` never pick up thousands of module boundaries.
+    Matches come in model order, ``available``'s first, then ``modules``' in their order.
+
+    Raises ``HookNameError`` with the closest valid names (of both namespaces) when a name
+    or a pattern matches nothing.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     avail = set(available)
+    mods: Sequence[str] | None = None
     wanted: set[str] = set()
+    extra: dict[str, None] = {}  # module names, in order of first match
     for pat in patterns:
         if not isinstance(pat, str):
             raise TypeError(f"hook names must be strings, got {type(pat).__name__}: {pat!r}")
         if pat in avail:
             wanted.add(pat)
             continue
-        if any(ch in pat for ch in "*?["):
-            hits = fnmatch.filter(available, pat)
-            if hits:
-                wanted.update(hits)
-                continue
-        raise HookNameError(_unknown_name_message(pat, available))
-    return [n for n in available if n in wanted]
+        glob = any(ch in pat for ch in "*?[")
+        hits = fnmatch.filter(available, pat) if glob else []
+        mod_hits: list[str] = []
+        if pat.endswith(PATH_SUFFIXES):
+            if mods is None:
+                mods = list(modules() if callable(modules) else modules)
+            if glob:
+                mod_hits = fnmatch.filter(mods, pat)
+            elif pat in set(mods):
+                mod_hits = [pat]
+        if hits or mod_hits:
+            wanted.update(hits)
+            extra.update(dict.fromkeys(mod_hits))
+            continue
+        if mods is None:
+            mods = list(modules() if callable(modules) else modules)
+        raise HookNameError(_unknown_name_message(pat, available, mods))
+    return [n for n in available if n in wanted] + [n for n in extra if n not in wanted]
 
 
-def _unknown_name_message(name: str, available: Sequence[str]) -> str:
-    # Compare against layer-generic forms too, so "blocks.99.hook_resid_post"
-    # suggests real layers rather than nothing.
-    close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
+def _unknown_name_message(name: str, available: Sequence[str], modules: Sequence[str] = ()) -> str:
+    # Module paths are candidates only for names that look like one, so a typo in a
+    # canonical name is answered with canonical names.
+    path_like = name.endswith(PATH_SUFFIXES) or not name.startswith(("blocks.", "hook_", "ln_"))
+    pool = [*available, *modules] if path_like else list(available)
+    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.5)
     if not close:
-        generic = sorted({_LAYER_RE.sub("blocks.*.", n) for n in available})
-        close = difflib.get_close_matches(
-            _LAYER_RE.sub("blocks.*.", name), generic, n=5, cutoff=0.4
-        )
+        # Compare against index-generic forms too, so "blocks.99.hook_resid_post" or
+        # "model.layers.99.mlp.hook_in" suggest real layers rather than nothing.
+        generic = sorted({_INDEX_RE.sub("*", n) for n in pool})
+        close = difflib.get_close_matches(_INDEX_RE.sub("*", name), generic, n=5, cutoff=0.4)
     hint = ", ".join(close) if close else ", ".join(available[:8]) + ", …"
+    more = (
+        f", and <path>.hook_in / <path>.hook_out for any of the model's {len(modules) // 2} "
+        "module paths (named_modules())"
+        if modules
+        else ""
+    )
+    if modules and not name.endswith(PATH_SUFFIXES) and fnmatch.filter(modules, name + ".hook_*"):
+        more += f"; a module path needs a suffix: {name + '.hook_out'!r}"
     return (
         f"unknown hook name {name!r}. Closest valid names: {hint}. "
-        f"See model.hook_names for all {len(available)} names."
+        f"See model.hook_names for all {len(available)} names{more}."
     )
 
 
@@ -238,22 +276,30 @@ class HookedModelBase:
             out.extend((n, fn) for n in self._resolve(name))
         return out
 
+    def _module_names(self) -> Sequence[str]:
+        """Names that resolve but are not listed in ``hook_names`` (see ``resolve_names``):
+        ``<module path>.hook_in`` / ``.hook_out`` on backends that hook modules by path."""
+        return ()
+
     def _resolve(self, pattern: str) -> list[str]:
         # Patterns repeat call after call (capture in a loop); resolve each once per model.
         cache = self.__dict__.setdefault("_resolved", {})
         names = cache.get(pattern) if isinstance(pattern, str) else None
         if names is None:
-            names = resolve_names(pattern, self._hook_names)
+            names = resolve_names(pattern, self._hook_names, self._module_names)
             if isinstance(pattern, str):
                 cache[pattern] = names
         return names
 
     def resolve(self, names: str | Iterable[str]) -> list[str]:
-        """Expand names/glob patterns to concrete hook names, in model order."""
+        """Expand names/glob patterns to concrete hook names: ``hook_names`` in model order,
+        then module-path names (``<path>.hook_in`` / ``.hook_out``) in the order asked."""
         if isinstance(names, str):
             return self._resolve(names)
-        wanted = {n for pattern in names for n in self._resolve(pattern)}
-        return [n for n in self._hook_names if n in wanted]
+        found = dict.fromkeys(n for pattern in names for n in self._resolve(pattern))
+        listed = [n for n in self._hook_names if n in found]
+        known = set(listed)
+        return listed + [n for n in found if n not in known]
 
     @contextlib.contextmanager
     def hooks(self, fwd: Iterable[Any] = (), bwd: Iterable[Any] = ()) -> Iterator[HookedModelBase]:

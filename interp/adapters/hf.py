@@ -9,7 +9,10 @@ to the residual stream; everything else is shared:
 * ``blocks.{l}.hook_resid_mid``   resid_pre + attn_out (sequential-residual families)
 * ``blocks.{l}.hook_mlp_out``     what the MLP / MoE block adds to the residual
 * ``blocks.{l}.hook_resid_post``  output of decoder layer ``l``
-* ``hook_embed``, ``ln_final.hook_normalized`` (the final norm's output)
+* ``hook_embed``; norms (``ln1``/``ln2``/``ln_final`` ``.hook_scale``/``.hook_normalized``,
+  normalized meaning *before* the norm's weight, as in TransformerLens), MLP internals,
+  ``hook_unembed`` and any module by path (``<named_modules path>.hook_in``/``.hook_out``)
+  are defined in ``interp.adapters.hf_parts``; attention internals in ``hf_attention``.
 * MoE layers: ``blocks.{l}.mlp.hook_router_logits`` / ``hook_expert_weights`` /
   ``hook_expert_indices``, shaped ``[batch, pos, n_experts]`` / ``[batch, pos, k]``.
 
@@ -168,7 +171,6 @@ class HFHookedModel(HookedModelBase):
                 ]
             for part in _PARTS:
                 names += part.layer_names(self, i)
-        names.append("ln_final.hook_normalized")
         for part in _PARTS:
             names += part.global_names(self)
         self._hook_names = tuple(names)
@@ -201,6 +203,12 @@ class HFHookedModel(HookedModelBase):
             return self.model.generate(*args, **kwargs)
 
     # -- hooks -----------------------------------------------------------------
+    def _module_names(self) -> list[str]:
+        """``<path>.hook_in`` / ``<path>.hook_out`` of every submodule: names that resolve
+        (exactly or by a glob ending in ``.hook_in`` / ``.hook_out``) but are not in
+        ``hook_names``; paths are those of the ``transformers`` model, also under PEFT."""
+        return hf_parts.path_names(self)
+
     def _register(self, name: str, fn: HookFn, point: HookPoint, backward: bool) -> list[Any]:
         call = checked(fn, point)
         for part in _PARTS:
@@ -209,8 +217,6 @@ class HFHookedModel(HookedModelBase):
                 return handles
         if name == "hook_embed":
             return [_output_hook(_get(self._base, self.layout.embed), call, backward)]
-        if name == "ln_final.hook_normalized":
-            return [_output_hook(_get(self._base, self.layout.final_norm), call, backward)]
         parts = name.split(".")
         layer = self._layers[int(parts[1])]
         kind = parts[-1]
@@ -384,3 +390,7 @@ def _config(config: Any, family: str, n_layers: int, moe_layers: tuple[int, ...]
 from interp.adapters import hf_attention  # noqa: E402
 
 _PARTS.append(hf_attention)
+
+from interp.adapters import hf_parts  # noqa: E402
+
+_PARTS.append(hf_parts)
