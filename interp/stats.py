@@ -1,19 +1,60 @@
-"""Effect sizes and their uncertainty: Cohen's d, AUROC, bootstrap intervals.
+"""Effect sizes and their uncertainty: Cohen's d, AUROC, Spearman's rho, bootstrap
+intervals (independent, paired, cluster), permutation tests, multiplicity corrections.
 
-Every claim of an effect in the studies comes with an interval from here.
-Randomness is explicit: pass a ``torch.Generator`` (or a seed).
+Every claim of an effect in the studies comes with an interval or a p-value from here.
+Randomness is explicit: pass a seed, a ``torch.Generator`` or a ``numpy.random.Generator``;
+the same seed gives the same resamples.
+
+* Bootstrap intervals are percentile intervals (Efron & Tibshirani, 1993). With
+  ``groups``, whole clusters are resampled (the cluster bootstrap: rows of one prompt,
+  template or document are not independent, and resampling rows would understate the
+  interval; Field & Welsh, 2007).
+* Permutation p-values count the observed arrangement as one of the permutations,
+  ``p = (1 + #{T* at least as extreme as T}) / (n_perm + 1)``, so a p-value is never 0
+  and a test at level α is exact (Phipson & Smyth, 2010). The smallest attainable value,
+  ``1 / (n_perm + 1)``, is reported as the test's ``resolution``.
+* Holm (1979) controls the family-wise error rate, Benjamini & Hochberg (1995) the false
+  discovery rate; both return adjusted p-values (reject where ``p_adjusted <= alpha``),
+  equal to statsmodels' ``multipletests(method="holm" | "fdr_bh")``.
+* Spearman's rho is Pearson's r of average ranks (ties share the mean of their ranks), as
+  ``scipy.stats.spearmanr``; ranking ties arbitrarily biases rho where many values are
+  equal (e.g. mostly zeros).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int, Real
 from torch import Tensor
 
-__all__ = ["Interval", "auroc", "bootstrap_ci", "cohens_d", "paired_bootstrap_ci"]
+__all__ = [
+    "Correction",
+    "Interval",
+    "PermutationTest",
+    "adjust_pvalues",
+    "auroc",
+    "benjamini_hochberg",
+    "bootstrap_ci",
+    "cluster_bootstrap_ci",
+    "cohens_d",
+    "holm",
+    "paired_bootstrap_ci",
+    "permutation_test",
+    "rankdata",
+    "sign_flip_test",
+    "spearman",
+]
+
+Seed = int | torch.Generator | np.random.Generator
+PValues = Float[Tensor, " m"] | Float[np.ndarray, " m"] | Sequence[float]
+Groups = Int[Tensor, " n"] | Sequence[Hashable]
+Alternative = Literal["two-sided", "greater", "less"]
 
 
 class Interval(NamedTuple):
@@ -27,10 +68,26 @@ class Interval(NamedTuple):
         return {"estimate": self.estimate, "low": self.low, "high": self.high}
 
 
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
+def _generator(seed: Seed) -> torch.Generator | np.random.Generator:
+    if isinstance(seed, (torch.Generator, np.random.Generator)):
         return seed
     return torch.Generator().manual_seed(int(seed))
+
+
+def _randint(gen: torch.Generator | np.random.Generator, high: int, size: int) -> Tensor:
+    """``size`` integers uniform in ``[0, high)``."""
+    if isinstance(gen, np.random.Generator):
+        return torch.from_numpy(gen.integers(0, high, size=size, dtype=np.int64))
+    return torch.randint(0, high, (size,), generator=gen)
+
+
+def _uniform(gen: torch.Generator | np.random.Generator, shape: tuple[int, ...]) -> Tensor:
+    if isinstance(gen, np.random.Generator):
+        return torch.from_numpy(gen.random(shape))
+    return torch.rand(shape, generator=gen, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ effect sizes
 
 
 def cohens_d(a: Float[Tensor, " n"], b: Float[Tensor, " m"]) -> float:
@@ -43,22 +100,84 @@ def cohens_d(a: Float[Tensor, " n"], b: Float[Tensor, " m"]) -> float:
     return float((a.mean() - b.mean()) / pooled.clamp_min(1e-12).sqrt())
 
 
+def rankdata(x: Real[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """Ranks 1..n in float64; tied values share the mean of their ranks ("average" method
+    of ``scipy.stats.rankdata``)."""
+    x = x.double()
+    if torch.isnan(x).any():
+        raise ValueError("rankdata: input contains NaN")
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    uniq, inverse = x.unique(return_inverse=True)
+    sums = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
+    counts = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse]
+
+
 def auroc(pos: Float[Tensor, " n"], neg: Float[Tensor, " m"]) -> float:
     """Probability that a random positive scores above a random negative (ties count ½)."""
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError("auroc needs at least one positive and one negative score")
-    scores = torch.cat([pos, neg]).double()
     # Mann–Whitney U via average ranks, so ties are handled exactly.
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=scores.dtype)
-    uniq, inverse = scores.unique(return_inverse=True)
-    sums = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
-    counts = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
-    ranks = (sums / counts)[inverse]
+    ranks = rankdata(torch.cat([pos, neg]).double())
     n_pos, n_neg = pos.numel(), neg.numel()
     u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def spearman(x: Real[Tensor, " n"], y: Real[Tensor, " n"]) -> float:
+    """Spearman's rank correlation: Pearson's r of average ranks (tie-aware).
+
+    Equals ``scipy.stats.spearmanr(x, y).statistic``. Returns NaN when either input is
+    constant (the correlation is undefined; scipy returns NaN with a warning). Raises on
+    fewer than 2 points or NaN input.
+    """
+    if x.numel() < 2:
+        raise ValueError(f"spearman needs ≥ 2 points, got {x.numel()}")
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = rx.norm() * ry.norm()
+    if float(denom) == 0.0:
+        return math.nan
+    return float(((rx @ ry) / denom).clamp(-1.0, 1.0))
+
+
+# ------------------------------------------------------------------ bootstrap
+
+
+def _group_codes(groups: Groups, n: int) -> Tensor:
+    """Group labels -> integer codes 0..G-1 (tensors by sorted value, other labels by
+    first appearance)."""
+    if isinstance(groups, Tensor):
+        if groups.dim() != 1:
+            raise ValueError(f"groups must be one label per row, got shape {tuple(groups.shape)}")
+        codes = groups.unique(return_inverse=True)[1]
+    else:
+        seen: dict[Hashable, int] = {}
+        codes = torch.tensor([seen.setdefault(g, len(seen)) for g in groups], dtype=torch.long)
+    if codes.numel() != n:
+        raise ValueError(f"groups has {codes.numel()} labels for {n} rows")
+    return codes
+
+
+class _Clusters:
+    """Row indices of resampled clusters: draw G cluster ids with replacement and take
+    every row of each drawn cluster (as often as it was drawn)."""
+
+    def __init__(self, codes: Tensor):
+        self.order = codes.argsort(stable=True)
+        self.counts = torch.bincount(codes)
+        self.starts = self.counts.cumsum(0) - self.counts
+        self.n_groups = int(self.counts.numel())
+
+    def draw(self, gen: torch.Generator | np.random.Generator) -> Tensor:
+        picked = _randint(gen, self.n_groups, self.n_groups)
+        sizes = self.counts[picked]
+        offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(
+            sizes
+        )
+        return self.order[self.starts[picked].repeat_interleave(sizes) + offsets]
 
 
 def bootstrap_ci(
@@ -66,20 +185,32 @@ def bootstrap_ci(
     *samples: Tensor,
     n_boot: int = 1000,
     level: float = 0.95,
-    seed: int | torch.Generator = 0,
+    seed: Seed = 0,
+    groups: Sequence[Tensor | Sequence[Hashable]] | None = None,
 ) -> Interval:
     """Percentile bootstrap of ``statistic(*samples)``, resampling each sample independently.
 
-    Each sample is resampled along dim 0 with replacement. Use
-    ``paired_bootstrap_ci`` when rows of the samples belong together.
+    Each sample is resampled along dim 0 with replacement. With ``groups`` (one sequence
+    of group labels per sample), each sample is resampled by whole clusters instead. Use
+    ``paired_bootstrap_ci`` when rows of the samples belong together. Resamples on which
+    ``statistic`` raises ``ValueError`` (e.g. one class only) are skipped.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    _check_level(level)
     gen = _generator(seed)
     estimate = float(statistic(*samples))
+    clusters = None
+    if groups is not None:
+        if len(groups) != len(samples):
+            raise ValueError(f"groups needs one entry per sample: {len(groups)} for {len(samples)}")
+        clusters = [
+            _Clusters(_group_codes(g, s.shape[0])) for g, s in zip(groups, samples, strict=True)
+        ]
     values = []
     for _ in range(n_boot):
-        resampled = [s[torch.randint(0, s.shape[0], (s.shape[0],), generator=gen)] for s in samples]
+        if clusters is None:
+            resampled = [s[_randint(gen, s.shape[0], s.shape[0])] for s in samples]
+        else:
+            resampled = [s[c.draw(gen)] for s, c in zip(samples, clusters, strict=True)]
         try:
             values.append(float(statistic(*resampled)))
         except ValueError:  # e.g. a resample with one class only
@@ -92,22 +223,75 @@ def paired_bootstrap_ci(
     *samples: Tensor,
     n_boot: int = 1000,
     level: float = 0.95,
-    seed: int | torch.Generator = 0,
+    seed: Seed = 0,
+    groups: Groups | None = None,
 ) -> Interval:
-    """Percentile bootstrap resampling the same row indices in every sample (paired data)."""
-    n = samples[0].shape[0]
-    if any(s.shape[0] != n for s in samples):
-        raise ValueError(f"paired samples need equal lengths, got {[s.shape[0] for s in samples]}")
+    """Percentile bootstrap resampling the same row indices in every sample (paired data).
+
+    With ``groups`` (one label per row), whole clusters of rows are resampled, the same in
+    every sample: the paired cluster bootstrap (see ``cluster_bootstrap_ci``).
+    """
+    if groups is not None:
+        return cluster_bootstrap_ci(
+            statistic, *samples, groups=groups, n_boot=n_boot, level=level, seed=seed
+        )
+    _check_level(level)
+    n = _common_length(samples)
     gen = _generator(seed)
     estimate = float(statistic(*samples))
     values = []
     for _ in range(n_boot):
-        idx = torch.randint(0, n, (n,), generator=gen)
+        idx = _randint(gen, n, n)
         try:
             values.append(float(statistic(*(s[idx] for s in samples))))
         except ValueError:
             continue
     return _percentiles(estimate, values, level)
+
+
+def cluster_bootstrap_ci(
+    statistic: Callable[..., float],
+    *samples: Tensor,
+    groups: Groups,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: Seed = 0,
+) -> Interval:
+    """Percentile cluster bootstrap: resample whole groups of rows with replacement.
+
+    ``groups`` labels each row (a prompt id, a template, a document); every sample has
+    the same rows, and a drawn group contributes all its rows, in every sample, as often
+    as it was drawn. With one sample this is the plain cluster bootstrap; with several it
+    is the paired cluster bootstrap (e.g. the same prompts before and after an edit).
+    With ``groups=torch.arange(n)`` it equals ``paired_bootstrap_ci`` draw for draw.
+    """
+    _check_level(level)
+    n = _common_length(samples)
+    clusters = _Clusters(_group_codes(groups, n))
+    gen = _generator(seed)
+    estimate = float(statistic(*samples))
+    values = []
+    for _ in range(n_boot):
+        idx = clusters.draw(gen)
+        try:
+            values.append(float(statistic(*(s[idx] for s in samples))))
+        except ValueError:
+            continue
+    return _percentiles(estimate, values, level)
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _common_length(samples: Sequence[Tensor]) -> int:
+    if not samples:
+        raise ValueError("need at least one sample")
+    n = samples[0].shape[0]
+    if any(s.shape[0] != n for s in samples):
+        raise ValueError(f"paired samples need equal lengths, got {[s.shape[0] for s in samples]}")
+    return n
 
 
 def _percentiles(estimate: float, values: list[float], level: float) -> Interval:
@@ -117,3 +301,246 @@ def _percentiles(estimate: float, values: list[float], level: float) -> Interval
     alpha = (1 - level) / 2
     low, high = torch.quantile(v, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
     return Interval(estimate, low, high)
+
+
+# ------------------------------------------------------------------ permutation tests
+
+
+@dataclass(frozen=True)
+class PermutationTest:
+    """A Monte Carlo permutation test.
+
+    Attributes:
+        statistic: the observed statistic.
+        p_value: ``(1 + n_extreme) / (n_perm + 1)``; never below ``resolution``.
+        n_perm: random permutations (sign flips / relabelings) drawn.
+        n_extreme: permutations whose statistic was at least as extreme as the observed
+            one (``|T*| >= |T|`` two-sided, ``T* >= T`` greater, ``T* <= T`` less).
+        resolution: ``1 / (n_perm + 1)``, the smallest attainable p-value: a smaller
+            threshold cannot be met, whatever the data.
+        alternative: ``"two-sided"``, ``"greater"`` or ``"less"``.
+        method: ``"sign_flip"`` (paired) or ``"label_permutation"`` (two-sample).
+        null: the permutation statistics, shape ``[n_perm]`` (float64).
+    """
+
+    statistic: float
+    p_value: float
+    n_perm: int
+    n_extreme: int
+    resolution: float
+    alternative: str
+    method: str
+    null: Tensor = field(repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "statistic": self.statistic,
+            "p_value": self.p_value,
+            "n_perm": self.n_perm,
+            "n_extreme": self.n_extreme,
+            "resolution": self.resolution,
+            "alternative": self.alternative,
+            "method": self.method,
+        }
+
+
+def _permutation_result(
+    observed: float, null: Tensor, alternative: str, method: str
+) -> PermutationTest:
+    # Statistics equal to the observed one up to rounding count as "as extreme" (the
+    # identity permutation must count); same tolerance as scipy.stats.permutation_test.
+    tol = 100 * torch.finfo(torch.float64).eps * abs(observed)
+    if alternative == "two-sided":
+        extreme = null.abs() >= abs(observed) - tol
+    elif alternative == "greater":
+        extreme = null >= observed - tol
+    else:
+        extreme = null <= observed + tol
+    n_perm = int(null.numel())
+    n_extreme = int(extreme.sum())
+    return PermutationTest(
+        statistic=observed,
+        p_value=(1 + n_extreme) / (n_perm + 1),
+        n_perm=n_perm,
+        n_extreme=n_extreme,
+        resolution=1 / (n_perm + 1),
+        alternative=alternative,
+        method=method,
+        null=null,
+    )
+
+
+def _check_test_args(n_perm: int, alternative: str) -> None:
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be ≥ 1, got {n_perm}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
+
+
+_CHUNK = 1024  # permutations evaluated per vectorized step
+
+
+def sign_flip_test(
+    a: Float[Tensor, " n"],
+    b: Float[Tensor, " n"] | None = None,
+    *,
+    statistic: Callable[[Tensor], float] | None = None,
+    n_perm: int = 9999,
+    alternative: Alternative = "two-sided",
+    seed: Seed = 0,
+    groups: Groups | None = None,
+) -> PermutationTest:
+    """Paired permutation test by random sign flips of the differences ``a − b``.
+
+    Under the null hypothesis of exchangeable pairs (a difference is as likely negative
+    as positive), flipping signs leaves the distribution unchanged. ``statistic`` maps
+    the differences to a number (default: their mean, vectorized); with ``b=None``, ``a``
+    holds the differences. With ``groups``, all differences of one group flip together
+    (clustered pairs). Two-sided compares ``|T*| >= |T|``, which suits statistics centred
+    on 0 under the null, as the mean is.
+    """
+    _check_test_args(n_perm, alternative)
+    d = a.double() if b is None else a.double() - b.double()
+    if d.numel() == 0:
+        raise ValueError("sign_flip_test needs at least one pair")
+    if torch.isnan(d).any():
+        raise ValueError("sign_flip_test: differences contain NaN")
+    codes = _group_codes(groups, d.numel()) if groups is not None else None
+    n_signs = d.numel() if codes is None else int(codes.max()) + 1
+    gen = _generator(seed)
+    observed = float(d.mean()) if statistic is None else float(statistic(d))
+    chunks = []
+    for start in range(0, n_perm, _CHUNK):
+        k = min(_CHUNK, n_perm - start)
+        signs = torch.where(_uniform(gen, (k, n_signs)) < 0.5, -1.0, 1.0).double()
+        if codes is not None:
+            signs = signs[:, codes]
+        flipped = signs * d
+        if statistic is None:
+            chunks.append(flipped.mean(1))
+        else:
+            chunks.append(torch.tensor([float(statistic(row)) for row in flipped]))
+    return _permutation_result(observed, torch.cat(chunks).double(), alternative, "sign_flip")
+
+
+def permutation_test(
+    a: Float[Tensor, " n"],
+    b: Float[Tensor, " m"],
+    *,
+    statistic: Callable[[Tensor, Tensor], float] | None = None,
+    n_perm: int = 9999,
+    alternative: Alternative = "two-sided",
+    seed: Seed = 0,
+) -> PermutationTest:
+    """Two-sample permutation test: random relabelings of the pooled values.
+
+    Under the null hypothesis the labels are exchangeable, so every split of the pooled
+    values into groups of sizes n and m is equally likely. ``statistic(a, b)`` defaults
+    to ``mean(a) − mean(b)`` (vectorized); two-sided compares ``|T*| >= |T|``.
+    """
+    _check_test_args(n_perm, alternative)
+    n, m = a.numel(), b.numel()
+    if n == 0 or m == 0:
+        raise ValueError(f"permutation_test needs two non-empty samples, got {n} and {m}")
+    pooled = torch.cat([a.double(), b.double()])
+    if torch.isnan(pooled).any():
+        raise ValueError("permutation_test: samples contain NaN")
+    gen = _generator(seed)
+    observed = (
+        float(a.double().mean() - b.double().mean())
+        if statistic is None
+        else float(statistic(a.double(), b.double()))
+    )
+    chunks = []
+    for start in range(0, n_perm, _CHUNK):
+        k = min(_CHUNK, n_perm - start)
+        perms = _uniform(gen, (k, n + m)).argsort(dim=1)
+        shuffled = pooled[perms]
+        if statistic is None:
+            chunks.append(shuffled[:, :n].mean(1) - shuffled[:, n:].mean(1))
+        else:
+            chunks.append(torch.tensor([float(statistic(row[:n], row[n:])) for row in shuffled]))
+    return _permutation_result(
+        observed, torch.cat(chunks).double(), alternative, "label_permutation"
+    )
+
+
+# ------------------------------------------------------------------ multiplicity
+
+
+@dataclass(frozen=True)
+class Correction:
+    """P-values adjusted for multiple comparisons.
+
+    Attributes:
+        p_adjusted: adjusted p-values in the order given, float64, in [0, 1].
+        reject: ``p_adjusted <= alpha``: the hypotheses rejected at level ``alpha``.
+        method: ``"holm"`` (family-wise error rate) or ``"bh"`` (false discovery rate).
+        alpha: the level ``reject`` was computed at.
+    """
+
+    p_adjusted: Float[Tensor, " m"]
+    reject: Bool[Tensor, " m"]
+    method: str
+    alpha: float
+
+
+def _pvalues(p: PValues) -> Tensor:
+    p = torch.as_tensor(p, dtype=torch.float64).flatten()
+    if torch.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"p-values must lie in [0, 1] (no NaN), got {p.tolist()}")
+    return p
+
+
+def holm(p: PValues) -> Float[Tensor, " m"]:
+    """Holm's step-down adjusted p-values (controls the family-wise error rate).
+
+    Sorted ascending, ``p_adj(i) = max_{j <= i} min(1, (m − j + 1) · p(j))``; returned in
+    the input order. Equals statsmodels' ``multipletests(p, method="holm")[1]``.
+    """
+    p = _pvalues(p)
+    m = p.numel()
+    if m == 0:
+        return p
+    order = p.argsort()
+    scaled = p[order] * torch.arange(m, 0, -1, dtype=torch.float64)
+    adjusted = torch.cummax(scaled, 0).values.clamp(max=1.0)
+    out = torch.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def benjamini_hochberg(p: PValues) -> Float[Tensor, " m"]:
+    """Benjamini–Hochberg step-up adjusted p-values (controls the false discovery rate
+    for independent or positively dependent tests).
+
+    Sorted ascending, ``p_adj(i) = min_{j >= i} min(1, m · p(j) / j)``; returned in the
+    input order. Equals statsmodels' ``multipletests(p, method="fdr_bh")[1]``.
+    """
+    p = _pvalues(p)
+    m = p.numel()
+    if m == 0:
+        return p
+    order = p.argsort()
+    scaled = p[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    adjusted = torch.cummin(scaled.flip(0), 0).values.flip(0).clamp(max=1.0)
+    out = torch.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def adjust_pvalues(
+    p: PValues,
+    method: Literal["holm", "bh"] = "holm",
+    alpha: float = 0.05,
+) -> Correction:
+    """Adjusted p-values and rejections: ``method="holm"`` or ``"bh"`` (Benjamini–Hochberg)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if method == "holm":
+        adjusted = holm(p)
+    elif method == "bh":
+        adjusted = benjamini_hochberg(p)
+    else:
+        raise ValueError(f"method must be 'holm' or 'bh', got {method!r}")
+    return Correction(p_adjusted=adjusted, reject=adjusted <= alpha, method=method, alpha=alpha)
