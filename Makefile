@@ -11,7 +11,15 @@ export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning (spinning threads slow shared CPUs several-fold).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lint bench docs clean
+# TransformerLens 4 removed HookedTransformer, and SAELens 6 (the `sae` extra) still needs
+# TransformerLens 3, so .venv has 3.x; a second, small environment runs the TransformerLens
+# tests against 4.x as well (`make test-tl4`, part of `make test`).
+VENV_TL4  ?= .venv-tl4
+PY_TL4    := $(VENV_TL4)/bin/python
+STAMP_TL4 := $(VENV_TL4)/.stamp-setup
+TL_TESTS  := tests/test_transformer_lens.py tests/test_tl_conventions.py
+
+.PHONY: setup setup-tl4 demo test test-tl4 lint bench docs clean
 
 setup: $(STAMP)
 
@@ -27,6 +35,15 @@ $(STAMP): pyproject.toml Makefile
 	-command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || true)) || true
 	touch $(STAMP)
 
+setup-tl4: $(STAMP_TL4)
+
+$(STAMP_TL4): pyproject.toml Makefile
+	test -x $(PY_TL4) || $(PYTHON) -m venv $(VENV_TL4)
+	$(PY_TL4) -m pip install -q --upgrade pip
+	$(PY_TL4) -m pip install -q "torch==2.13.0" || $(PY_TL4) -m pip install -q "torch>=2.6"
+	$(PY_TL4) -m pip install -q -e ".[dev]" "transformer-lens==4.3.*"
+	touch $(STAMP_TL4)
+
 demo: setup
 	$(PY) examples/demo.py
 
@@ -36,6 +53,10 @@ test: setup
 	# $$INTERP_CACHE), before parallel test workers need them.
 	$(PY) -c "import interp; interp.load(); interp.load('smollm2-135m-moe')" > /dev/null
 	$(PY) -m pytest -q -n 2
+	$(MAKE) test-tl4
+
+test-tl4: setup-tl4
+	$(PY_TL4) -m pytest -q -n 2 $(TL_TESTS)
 
 lint: setup
 	$(PY) -m ruff check interp tests examples benchmarks
@@ -48,4 +69,4 @@ docs: setup
 	$(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) runs site
+	rm -rf $(VENV) $(VENV_TL4) runs site

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ActivationCache", "atomic_write"]
+__all__ = ["ActivationCache", "atomic_write", "get_act_name"]
 
 _LAYER = re.compile(r"blocks\.(\d+)\.")
 
@@ -42,6 +42,57 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """TransformerLens's ``utils.get_act_name``: shorthand to a full hook name.
+
+    ``("resid_post", 3)`` -> ``blocks.3.hook_resid_post``, ``("pattern", 0)`` ->
+    ``blocks.0.attn.hook_pattern``, ``"embed"`` -> ``hook_embed``, ``("scale",)`` ->
+    ``ln_final.hook_scale``, ``"k6"`` -> ``blocks.6.attn.hook_k``, ``("normalized", 2,
+    "ln1")`` -> ``blocks.2.ln1.hook_normalized``. A full name is returned as it is. The
+    same rules as TransformerLens 3 (ported, so reading a cache never imports it).
+    """
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, digits, layer_type = match.groups()
+        layer = int(digits)
+    name = _ACT_ALIASES.get(name, name)
+    full = "" if layer is None else f"blocks.{layer}."
+    if name in ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores"):
+        layer_type = "attn"
+    elif name in ("pre", "post", "mid", "pre_linear"):
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIASES:
+        layer_type = _LAYER_TYPE_ALIASES[layer_type]
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full
+
+
+_LAYER_TYPE_ALIASES = {
+    "a": "attn",
+    "m": "mlp",
+    "b": "",
+    "block": "",
+    "blocks": "",
+    "attention": "attn",
+}
+_ACT_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -59,17 +110,54 @@ class ActivationCache(Mapping[str, Tensor]):
         self._data = dict(data)
         self.meta: dict[str, Any] = dict(meta or {})
 
-    def __getitem__(self, name: str) -> Tensor:
+    def __getitem__(self, key: str | tuple) -> Tensor:
+        """By hook name, or by TransformerLens's shorthand (``utils.get_act_name``).
+
+        ``cache["blocks.3.hook_resid_post"]``, ``cache["resid_post", 3]``,
+        ``cache["pattern", 0]`` (``blocks.0.attn.hook_pattern``), ``cache["embed"]``
+        (``hook_embed``), ``cache["normalized", 2, "ln1"]``, ``cache["k6"]``. A negative
+        layer counts from the end when the cache knows the model's depth
+        (``meta["n_layers"]``, which ``run_with_cache`` records).
+        """
+        data = self._data
+        if isinstance(key, str) and key in data:
+            return data[key]
+        name = self._act_name(key)
         try:
-            return self._data[name]
+            return data[name]
         except KeyError:
             import difflib
 
-            close = difflib.get_close_matches(name, list(self._data), n=3)
+            close = difflib.get_close_matches(name, list(data), n=3)
+            shown = repr(key) if name == key else f"{key!r} ({name!r})"
             raise KeyError(
-                f"{name!r} is not in this cache; it holds {len(self._data)} names"
+                f"{shown} is not in this cache; it holds {len(data)} names"
                 + (f", closest: {', '.join(close)}" if close else "")
             ) from None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data  # exact names only, as TransformerLens's cache
+
+    def _act_name(self, key: str | tuple) -> str:
+        if isinstance(key, str):
+            return get_act_name(key)
+        if not isinstance(key, tuple) or not key or not isinstance(key[0], str) or len(key) > 3:
+            raise KeyError(
+                f"cache keys are hook names or (name, layer[, layer_type]) tuples; got {key!r}"
+            )
+        name, layer, layer_type = (*key, None, None)[:3]
+        if layer is not None:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise KeyError(f"the layer in {key!r} must be an int")
+            if layer < 0:
+                n_layers = self.meta.get("n_layers")
+                if n_layers is None:
+                    raise KeyError(
+                        f"{key!r}: a negative layer needs the model's depth, which this cache "
+                        "does not record (meta['n_layers']); pass the layer index"
+                    )
+                layer += int(n_layers)
+        return get_act_name(name, layer, layer_type)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)

@@ -33,6 +33,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from interp import conventions
+
 __all__ = [
     "HookFn",
     "HookNameError",
@@ -242,8 +244,10 @@ class HookedModelBase:
     """Shared machinery: name resolution, the hooks context, run helpers.
 
     Subclasses set ``model``, ``tokenizer``, ``cfg`` and ``_hook_names`` and
-    implement ``_register(name, fn, point, backward) -> list[handle]`` and
-    ``forward(input_ids, attention_mask=None, **kw) -> logits``.
+    implement ``_register(name, fn, point, backward) -> list[handle]``,
+    ``_forward(input_ids, attention_mask, **kw) -> logits`` and, when their forward
+    takes keyword arguments of its own, ``_backend_kwargs()``. ``forward`` / ``__call__``
+    add TransformerLens's conventions on top (``interp.conventions``).
     """
 
     model: torch.nn.Module
@@ -331,37 +335,235 @@ class HookedModelBase:
         fwd_hooks: Iterable[Any] = (),
         bwd_hooks: Iterable[Any] = (),
         **kwargs: Any,
-    ) -> Tensor:
-        """Run one forward pass with temporary hooks (TransformerLens's name and signature)."""
-        with self.hooks(fwd=fwd_hooks, bwd=bwd_hooks):
+    ) -> Any:
+        """One forward pass with temporary hooks (TransformerLens's name and signature).
+
+        A hook's name may be a name, a glob or, as in TransformerLens, a predicate
+        ``lambda name: ...``. Keyword arguments are ``model(...)``'s (``return_type``,
+        ``stop_at_layer`` …); ``reset_hooks_end=True`` is what always happens.
+        """
+        if kwargs.pop("reset_hooks_end", True) is not True:
+            raise TypeError(conventions.accepted_message("reset_hooks_end", self._accepted()))
+        fwd = self._hook_specs(fwd_hooks)
+        bwd = self._hook_specs(bwd_hooks)
+        with self.hooks(fwd=fwd, bwd=bwd):
             return self(*args, **kwargs)
 
-    def run_with_cache(
-        self, *args: Any, names_filter: str | Iterable[str] | None = None, **kwargs: Any
-    ):
-        """Forward pass returning ``(logits, ActivationCache)`` of full-sequence activations."""
-        from interp.activations import capture
+    def _hook_specs(self, specs: Iterable[Any]) -> list[Any]:
+        """Expand TransformerLens's ``(predicate, fn)`` hook pairs into ``(name, fn)`` pairs."""
+        out: list[Any] = []
+        for spec in specs:
+            if isinstance(spec, tuple | list) and len(spec) == 2 and callable(spec[0]):
+                names, _ = conventions.filter_names(self, spec[0])
+                out.extend((n, spec[1]) for n in names)
+            else:
+                out.append(spec)
+        return out
 
-        names = names_filter if names_filter is not None else list(self._hook_names)
-        batch = args[0] if args else kwargs.pop("input", None)
-        return capture(self, batch, names, return_logits=True, **kwargs)
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: Any = None,
+        remove_batch_dim: bool = False,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """One forward pass returning ``(output, ActivationCache)`` of full-sequence activations.
+
+        As in TransformerLens: ``names_filter`` is a name, a glob, a list of them, a
+        predicate ``lambda name: ...`` or ``None`` (every hook point); the cache holds what
+        fired (``None`` and predicates keep whatever fired; each name or glob given
+        explicitly must fire at least once, unless ``stop_at_layer`` ends the pass before
+        it). ``remove_batch_dim=True`` drops the batch axis of a one-row batch; ``device``
+        is where the cached tensors are stored. The output follows ``return_type``. The
+        pass runs in the caller's grad mode (the cached tensors are detached).
+        """
+        from interp.cache import ActivationCache
+
+        accepted = ("names_filter", "remove_batch_dim", "device", *self._accepted())
+        conventions.check_kwargs(kwargs, accepted)
+        input, mask = self._input_args(args, kwargs)
+        names, patterns = conventions.filter_names(self, names_filter)
+        batch = self._as_batch(
+            input, mask, kwargs.pop("prepend_bos", None), kwargs.pop("padding_side", None)
+        )
+        if remove_batch_dim and batch.input_ids.shape[0] != 1:
+            raise ValueError(
+                f"remove_batch_dim=True needs a batch of one row; this batch has "
+                f"{batch.input_ids.shape[0]} (drop the flag, or index the cache)"
+            )
+        store: dict[str, Tensor] = {}
+
+        def keep(tensor: Tensor, hook: HookPoint) -> None:
+            value = tensor.detach()
+            if remove_batch_dim:
+                value = value[0]
+            store[hook.name] = value if device is None else value.to(device)
+
+        with self.hooks(fwd=[(n, keep) for n in names]):
+            out = self.forward(batch.input_ids, batch.attention_mask, **kwargs)
+        if kwargs.get("stop_at_layer") is None:
+            for pattern in patterns:
+                if not any(n in store for n in self.resolve(pattern)):
+                    raise RuntimeError(
+                        f"no hook matching {pattern!r} fired during the forward pass; this "
+                        "model lists it but its forward never reaches it"
+                    )
+        cache = ActivationCache(
+            {n: store[n] for n in names if n in store},
+            {
+                "positions": None,
+                "has_batch_dim": not remove_batch_dim,
+                "n_layers": self.cfg.n_layers,
+            },
+        )
+        return out, cache
 
     # -- running ---------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, **kw: Any) -> Tensor:
+        """The backend's own forward pass: logits of ``[batch, pos]`` ids (adapters implement)."""
         raise NotImplementedError
 
-    def __call__(self, input: Any, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
-        from interp.positions import as_batch, running
+    def _backend_kwargs(self) -> tuple[str, ...]:
+        """Keyword arguments the backend's own forward takes, passed through unchanged."""
+        return ()
 
-        batch = as_batch(self, input, attention_mask)
+    def _accepted(self, text: bool = True) -> tuple[str, ...]:
+        base = conventions.CALL_ARGS if text else ("attention_mask", *conventions.FORWARD_ARGS)
+        return (*base, *self._backend_kwargs())
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        stop_at_layer: int | None = None,
+        **kw: Any,
+    ) -> Any:
+        """Run ``[batch, pos]`` token ids; returns what ``return_type`` asks for.
+
+        ``return_type``: ``"logits"`` (default), ``"loss"`` (TransformerLens's mean
+        next-token cross-entropy, padding excluded; ``[batch, pos-1]`` with
+        ``loss_per_token=True``), ``"both"`` (``Output(logits, loss)``) or ``None``.
+        ``stop_at_layer=L`` returns the residual stream entering block ``L`` without
+        running it or anything after it. Other keyword arguments go to the backend's own
+        forward when it takes them (e.g. ``logits_to_keep`` on Hugging Face models);
+        anything else raises ``TypeError``. See ``interp.conventions``.
+        """
+        if kw:
+            conventions.check_kwargs(kw, self._accepted(text=False))
+        if return_type == "logits" and stop_at_layer is None:
+            return self._forward(input_ids, attention_mask, **kw)
+        conventions.check_return_type(return_type)
+        if stop_at_layer is not None:
+            layer = conventions.stop_layer(stop_at_layer, self.cfg.n_layers)
+            name = conventions.stop_hook_name(layer, self.cfg.n_layers)
+            try:
+                with self.hooks(fwd=[(name, conventions.raise_stop)]):
+                    self._forward(input_ids, attention_mask, **kw)
+            except conventions.StopForward as stop:
+                return stop.resid
+            raise RuntimeError(f"the forward pass never reached {name!r}")
+        logits = self._forward(input_ids, attention_mask, **kw)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = conventions.lm_cross_entropy_loss(
+            logits, input_ids, attention_mask, per_token=loss_per_token
+        )
+        return loss if return_type == "loss" else conventions.Output(logits, loss)
+
+    def __call__(
+        self,
+        input: Any,
+        attention_mask: Tensor | None = None,
+        *,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        **kw: Any,
+    ) -> Any:
+        """Run text(s), ids, a dict or a ``Batch``; keyword arguments as in ``forward``.
+
+        ``prepend_bos`` / ``padding_side`` say how text is tokenized (see ``tokenize``);
+        they are refused for input that is already tokens.
+        """
+        if kw:
+            conventions.check_kwargs(kw, self._accepted())
+        from interp.positions import running
+
+        batch = self._as_batch(input, attention_mask, prepend_bos, padding_side)
         with running(batch):  # interventions resolve named positions against it
             return self.forward(batch.input_ids, batch.attention_mask, **kw)
 
-    def to_tokens(self, text: str | Sequence[str], padding_side: str = "right"):
-        """Tokenize text(s) into a padded ``Batch`` on the model's device."""
-        from interp.positions import tokenize
+    def _input_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        if len(args) > 2:
+            raise TypeError(
+                f"expected (input, attention_mask=None) positionally, got {len(args)} "
+                "positional arguments; pass the rest by keyword"
+            )
+        if args:
+            input = args[0]
+        elif "input" in kwargs:
+            input = kwargs.pop("input")
+        else:
+            raise TypeError("missing the input (text, token ids, a dict or a Batch)")
+        mask = args[1] if len(args) > 1 else kwargs.pop("attention_mask", None)
+        return input, mask
 
-        return tokenize(self, text, padding_side=padding_side)
+    def _as_batch(self, input: Any, attention_mask: Any, prepend_bos: Any, padding_side: Any):
+        from interp.positions import as_batch
+
+        if attention_mask is not None and not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                "the second positional argument is attention_mask (a [batch, pos] tensor); "
+                f"got {type(attention_mask).__name__}: pass return_type= and the like by keyword"
+            )
+        if prepend_bos is not None or padding_side is not None:
+            is_text = isinstance(input, str) or (
+                isinstance(input, list | tuple)
+                and bool(input)
+                and all(isinstance(t, str) for t in input)
+            )
+            if not is_text:
+                raise ValueError(
+                    "prepend_bos= and padding_side= say how text is tokenized; this input is "
+                    f"{type(input).__name__}, already tokens (tokenize with model.tokenize(text, "
+                    "padding_side=..., prepend_bos=...) instead)"
+                )
+            input = conventions.tokenize(self, input, padding_side, prepend_bos)
+        return as_batch(self, input, attention_mask)
+
+    def tokenize(
+        self,
+        text: str | Sequence[str],
+        padding_side: str = "right",
+        prepend_bos: bool | None = None,
+    ):
+        """Tokenize text(s) into a padded ``Batch`` (ids, attention mask) on the model's device.
+
+        ``prepend_bos=None`` keeps the tokenizer's own choice; ``True`` / ``False`` make
+        every row start / not start with the BOS token, as in TransformerLens.
+        """
+        return conventions.tokenize(self, text, padding_side, prepend_bos)
+
+    def to_tokens(
+        self,
+        input: str | Sequence[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+    ) -> Tensor:
+        """TransformerLens's ``to_tokens``: a ``[batch, pos]`` tensor of token ids.
+
+        Padding is on ``padding_side`` (default right) and the mask is not returned: use
+        ``tokenize`` for a ``Batch`` that keeps it. ``prepend_bos=None`` keeps the
+        tokenizer's own choice, where TransformerLens's default prepends a BOS token.
+        """
+        ids = conventions.tokenize(self, input, padding_side, prepend_bos).input_ids
+        return ids if move_to_device else ids.cpu()
 
     def __repr__(self) -> str:
         c = self.cfg

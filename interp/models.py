@@ -7,8 +7,10 @@
   loads take seconds.
 * a local directory or hub id: anything ``AutoModelForCausalLM`` loads, with
   ``dtype``, ``device`` and ``device_map``.
-* a model object: a ``transformers`` model, a ``PeftModel``, a
-  ``HookedTransformer`` or a ``TransformerBridge``, wrapped as it is.
+* a model object: a ``transformers`` causal LM, a ``PeftModel``, a
+  ``HookedTransformer`` or a ``TransformerBridge`` (subclasses included, e.g. SAELens's
+  ``HookedSAETransformer`` and ``SAETransformerBridge``), wrapped as it is; anything
+  else raises ``TypeError`` saying what can be wrapped.
 """
 
 from __future__ import annotations
@@ -135,18 +137,29 @@ def load(
         tokenizer: the tokenizer for a model object (ignored for names and paths).
         dtype, device, device_map: as in ``transformers`` (``device_map`` needs accelerate).
     """
-    from interp.adapters.hf import HFHookedModel
-    from interp.adapters.tl import TLHookedModel, is_transformer_lens
+    from interp.adapters.hf import HFHookedModel, unwrap
+    from interp.adapters.tl import TLHookedModel, is_other_transformer_lens, is_transformer_lens
 
     if isinstance(model, HookedModelBase):
         return model
     if isinstance(model, nn.Module):
-        if is_transformer_lens(model):
+        if is_transformer_lens(model):  # also SAELens's HookedSAETransformer / SAETransformerBridge
+            if device is not None:
+                model.to(device)
             return TLHookedModel(model, tokenizer)
-        if not hasattr(model, "config"):
+        if is_other_transformer_lens(model):
             raise TypeError(
-                f"cannot wrap {type(model).__name__}: expected a transformers causal LM, a "
-                "PeftModel, a HookedTransformer or a TransformerBridge"
+                f"cannot wrap {type(model).__name__}: of TransformerLens models interp wraps "
+                "HookedTransformer and TransformerBridge (and their subclasses, e.g. SAELens's "
+                "HookedSAETransformer and SAETransformerBridge), which are causal LMs"
+            )
+        base = unwrap(model)
+        get_out = getattr(base, "get_output_embeddings", None)
+        if not hasattr(base, "config") or not callable(get_out) or get_out() is None:
+            raise TypeError(
+                f"cannot wrap {type(model).__name__}: expected a transformers causal LM (one "
+                "with an LM head, e.g. from AutoModelForCausalLM), a PeftModel of one, a "
+                "HookedTransformer or a TransformerBridge"
             )
         if device is not None:
             model.to(device)

@@ -81,7 +81,7 @@ def test_compose_applies_in_order(model, ids, clean):
 
 
 def test_steering_inside_generate_changes_the_continuation(model):
-    batch = model.to_tokens(["hello there"])
+    batch = model.tokenize(["hello there"])
     plain = model.generate(batch, max_new_tokens=6, do_sample=False)
     v = interp.capture(model, batch, NAME, positions=-1)[NAME][0]
     seen_lengths = []

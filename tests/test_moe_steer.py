@@ -24,7 +24,7 @@ def _model(family: str):
 
 @functools.cache
 def _batch(family: str):
-    return _model(family).to_tokens(TEXTS)
+    return _model(family).tokenize(TEXTS)
 
 
 def _logits(model, batch):
@@ -251,8 +251,8 @@ def test_planted_router_risk_difference_and_deactivation():
     model = _planted()
     gen = torch.Generator().manual_seed(0)
     digits, letters = (
-        model.to_tokens(_texts(DIGITS, 12, gen)),
-        model.to_tokens(_texts(LETTERS, 12, gen)),
+        model.tokenize(_texts(DIGITS, 12, gen)),
+        model.tokenize(_texts(LETTERS, 12, gen)),
     )
     t_digits, t_letters = moe.trace(model, digits), moe.trace(model, letters)
 

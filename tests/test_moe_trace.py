@@ -46,7 +46,7 @@ def _router_outputs(model, batch):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_trace_matches_router_outputs_on_real_tokens(family):
     model = _model(family)
-    batch = model.to_tokens(TEXTS)  # right-padded: row 1 is mostly padding
+    batch = model.tokenize(TEXTS)  # right-padded: row 1 is mostly padding
     tr = moe.trace(model, batch)
     keep = batch.attention_mask.bool()
     assert tr.layers == model.cfg.moe_layers
@@ -63,7 +63,7 @@ def test_trace_matches_router_outputs_on_real_tokens(family):
 
 def test_trace_respects_mask_and_named_masks():
     model = _model("olmoe")
-    batch = model.to_tokens(TEXTS)
+    batch = model.tokenize(TEXTS)
     mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     mask[:, 2:5] = True  # row 1 ("Hi") has only 2 real tokens: its masked part is padding
     tr = moe.trace(model, batch, mask=mask, logits=False)

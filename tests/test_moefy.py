@@ -42,7 +42,7 @@ def _logits(model, batch):
 def test_k_equal_to_n_experts_is_the_dense_mlp(n_shared, router):
     dense = _dense()
     ref_mlps = [copy.deepcopy(layer.mlp) for layer in dense.model.model.layers]
-    batch = dense.to_tokens(TEXTS)
+    batch = dense.tokenize(TEXTS)
     ref = _logits(dense, batch)
     cfg = moefy.MoefyConfig(**{**SMALL, "n_shared": n_shared, "top_k": 8, "router": router})
     model = moefy.moefy(dense, cfg, **CALIB)
@@ -73,7 +73,7 @@ def test_groups_partition_the_units_and_metadata():
 
 def test_fewer_groups_change_the_output_but_stay_finite():
     model = _moe()
-    batch = model.to_tokens(TEXTS)
+    batch = model.tokenize(TEXTS)
     out = _logits(model, batch)
     full = _logits(moefy.set_top_k(model, 8), batch)
     model = moefy.set_top_k(model, 3)
@@ -83,7 +83,7 @@ def test_fewer_groups_change_the_output_but_stay_finite():
 
 def test_trace_steer_and_ablate_through_interp_moe():
     model = _moe()
-    batch = model.to_tokens(TEXTS)
+    batch = model.tokenize(TEXTS)
     base = moe.trace(model, batch, dtype=torch.float32)  # fp16 logits could tie
     assert base.indices.shape == (3, int(batch.attention_mask.sum()), 3)
     assert torch.all(base.weights == 1)  # moefied rule: weight 1 per selected group
@@ -132,7 +132,7 @@ def test_moefied_rule_reselects_like_the_router():
 @pytest.mark.parametrize("router", ["norm", "linear"])
 def test_cache_round_trip(tmp_path, router):
     model = _moe(router)
-    batch = model.to_tokens(TEXTS)
+    batch = model.tokenize(TEXTS)
     moefy.save(model, tmp_path / "moe")
     moefy.save(model, tmp_path / "moe")  # overwriting is atomic too
     assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == [

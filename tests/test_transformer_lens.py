@@ -57,7 +57,7 @@ def test_hf_adapter_agrees_with_transformer_bridge_on_the_embedded_model(embedde
     # so the comparison is made on the same attention implementation.
     model = interp.load("smollm2-135m-instruct", attn_implementation="eager")
     bridged = interp.load(bridge_of(model.model, model.tokenizer))
-    ids = model.to_tokens(["The quick brown fox jumps over the lazy dog."]).input_ids
+    ids = model.to_tokens(["The quick brown fox jumps over the lazy dog."])
     check_agreement(model, bridged, ids)
 
 
@@ -68,10 +68,20 @@ def test_bridge_unknown_names_raise_instead_of_silently_skipping():
         interp.capture(bridged, torch.zeros(1, 3, dtype=torch.long), "blocks.0.hook_resid_pots")
 
 
+def hooked_transformer_classes():
+    """``(HookedTransformer, HookedTransformerConfig)``; the test skips on TransformerLens 4,
+    which removed ``HookedTransformer``."""
+    module = pytest.importorskip(
+        "transformer_lens.HookedTransformer", reason="TransformerLens 4 removed HookedTransformer"
+    )
+    from transformer_lens import HookedTransformerConfig
+
+    return module.HookedTransformer, HookedTransformerConfig
+
+
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 def test_hooked_transformer_adapter_captures_and_removes_hooks():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
+    HookedTransformer, HookedTransformerConfig = hooked_transformer_classes()
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu", seed=0
     )

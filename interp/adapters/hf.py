@@ -178,9 +178,21 @@ class HFHookedModel(HookedModelBase):
         self._routing_rule = None
 
     # -- running ---------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, **kw: Any) -> Tensor:
         kw.setdefault("use_cache", False)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+
+    def _backend_kwargs(self) -> tuple[str, ...]:
+        """The named arguments of the model's own forward (``logits_to_keep``,
+        ``position_ids`` …), except those whose result ``forward`` would drop."""
+        known = self.__dict__.get("_backend_kw")
+        if known is None:
+            from interp.conventions import HF_DROPPED_KWARGS, explicit_params
+
+            known = self.__dict__["_backend_kw"] = explicit_params(
+                self._base.forward, exclude=HF_DROPPED_KWARGS
+            )
+        return known
 
     def generate(self, *args: Any, **kwargs: Any) -> Tensor:
         """``transformers`` ``generate``; hooks registered with ``hooks()`` apply at every step."""

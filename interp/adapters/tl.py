@@ -4,10 +4,18 @@ TransformerLens already speaks the canonical vocabulary, so this adapter adds
 what it lacks: glob patterns, an error for unknown names (the bridge skips
 them silently), replacement checks, and removal of exactly the handles a
 context added.
+
+Models are recognised by class, subclasses included (SAELens's
+``HookedSAETransformer`` and ``SAETransformerBridge``), on TransformerLens 3 and 4
+(which removed ``HookedTransformer``). ``cfg.family`` is the architecture family as the
+Hugging Face adapter reports it (``"llama"``, ``"gpt2"`` …), read from the bridged
+model's config or from ``cfg.original_architecture``; ``"unknown"`` for a
+``HookedTransformer`` built from a bare config.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -15,12 +23,65 @@ from torch import Tensor, nn
 
 from interp.hooks import HookedModelBase, HookFn, HookPoint, ModelConfig, checked
 
-__all__ = ["TLHookedModel", "is_transformer_lens"]
+__all__ = ["TLHookedModel", "is_transformer_lens", "transformer_lens_classes"]
+
+
+def transformer_lens_classes() -> tuple[type, ...]:
+    """The TransformerLens model classes this adapter wraps, as far as they are imported.
+
+    An object of one of them can only exist once its module is imported, so nothing is
+    imported here: a Hugging Face model is never checked against a fresh TransformerLens
+    import.
+    """
+    classes = []
+    bridge_pkg = sys.modules.get("transformer_lens.model_bridge")
+    if bridge_pkg is not None and isinstance(getattr(bridge_pkg, "TransformerBridge", None), type):
+        classes.append(bridge_pkg.TransformerBridge)
+    ht_mod = sys.modules.get("transformer_lens.HookedTransformer")  # gone in TransformerLens 4
+    if ht_mod is not None and isinstance(getattr(ht_mod, "HookedTransformer", None), type):
+        classes.append(ht_mod.HookedTransformer)
+    return tuple(classes)
 
 
 def is_transformer_lens(obj: Any) -> bool:
-    mod = type(obj).__module__
-    return mod.startswith("transformer_lens") and hasattr(obj, "hook_dict")
+    """Whether ``obj`` is a ``HookedTransformer`` or ``TransformerBridge`` (or a subclass)."""
+    classes = transformer_lens_classes()
+    return bool(classes) and isinstance(obj, classes)
+
+
+def is_other_transformer_lens(obj: Any) -> bool:
+    """A TransformerLens hooked module that is not a causal LM this adapter wraps."""
+    module = sys.modules.get("transformer_lens.HookedRootModule")
+    base = getattr(module, "HookedRootModule", None) if module is not None else None
+    return isinstance(base, type) and isinstance(obj, base) and not is_transformer_lens(obj)
+
+
+def _is_bridge(model: Any) -> bool:
+    pkg = sys.modules.get("transformer_lens.model_bridge")
+    cls = getattr(pkg, "TransformerBridge", None) if pkg is not None else None
+    return isinstance(cls, type) and isinstance(model, cls)
+
+
+def _family(model: Any) -> str:
+    """The Hugging Face ``model_type`` of a TransformerLens model, as ``HFHookedModel`` has it."""
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    if isinstance(model_type, str) and model_type:
+        return model_type
+    c = model.cfg
+    arch = getattr(c, "original_architecture", None) or getattr(c, "architecture", None)
+    if not arch:
+        return "unknown"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # Several model types share a class (LlamaForCausalLM serves llama, exaone …): prefer
+    # the one the class is named after.
+    families = [f for f, cls_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls_name == arch]
+    stem = arch.lower()
+    for family in families:
+        if stem.startswith(family.replace("_", "").replace("-", "")):
+            return family
+    return families[0] if families else str(arch)
 
 
 class _Handle:
@@ -39,10 +100,19 @@ class TLHookedModel(HookedModelBase):
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
         if not is_transformer_lens(model):
-            raise TypeError(f"expected a TransformerLens model, got {type(model).__name__}")
+            raise TypeError(
+                f"expected a TransformerLens HookedTransformer or TransformerBridge, got "
+                f"{type(model).__name__}"
+            )
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self._bridge = _is_bridge(model)
         self._points: dict[str, Any] = dict(model.hook_dict)
+        add_aliases = getattr(model, "_add_aliases_to_hooks", None)
+        if self._bridge and callable(add_aliases):
+            # SAELens's SAETransformerBridge overrides hook_dict without the bridge's
+            # canonical aliases (blocks.{l}.hook_resid_post …); put them back.
+            add_aliases(self._points)
         self._hook_names = tuple(self._points)
         c = model.cfg
         n_experts = int(getattr(c, "num_experts", None) or 0)
@@ -51,7 +121,7 @@ class TLHookedModel(HookedModelBase):
             d_model=int(c.d_model),
             d_vocab=int(c.d_vocab),
             n_heads=int(c.n_heads),
-            family=str(getattr(c, "original_architecture", None) or type(model).__name__),
+            family=_family(model),
             n_experts=n_experts,
             experts_per_token=int(getattr(c, "experts_per_token", None) or 0),
             moe_layers=tuple(range(int(c.n_layers))) if n_experts else (),
@@ -65,14 +135,63 @@ class TLHookedModel(HookedModelBase):
         handles = hp.fwd_hooks if direction == "fwd" else hp.bwd_hooks
         return [_Handle(hp, handles[-1], direction)]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw: Any) -> Tensor:
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, **kw: Any) -> Tensor:
         if attention_mask is not None and bool((attention_mask == 0).any()):
             kw["attention_mask"] = attention_mask
         out = self.model(input_ids, **kw)
         return out.logits if hasattr(out, "logits") else out
 
-    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.model.generate(*args, **kwargs)
+    def _backend_kwargs(self) -> tuple[str, ...]:
+        known = self.__dict__.get("_backend_kw")
+        if known is None:
+            if self._bridge:  # the bridge hands its extra keyword arguments to the HF model
+                from interp.conventions import HF_DROPPED_KWARGS, explicit_params
+
+                hf_forward = getattr(getattr(self.model, "original_model", None), "forward", None)
+                known = explicit_params(hf_forward, exclude=HF_DROPPED_KWARGS) if hf_forward else ()
+            else:
+                known = ("past_kv_cache",)
+            self.__dict__["_backend_kw"] = known
+        return known
+
+    def generate(self, input: Any = "", *args: Any, **kwargs: Any) -> Any:
+        """TransformerLens's ``generate``, also on an interp ``Batch``.
+
+        Text, ids and ``Batch``es are tokenized as ``model(...)`` tokenizes them and the
+        result is ``[batch, pos + new]`` token ids, as on the Hugging Face backend; a
+        padded batch must be left-padded (``model.tokenize(texts, padding_side="left")``).
+        Decoding is greedy unless ``do_sample=True`` (TransformerLens samples by default;
+        ``transformers`` does not) and the progress bar is off unless ``verbose=True``. On
+        a bridge the KV cache is off unless ``use_past_kv_cache=True`` (see below).
+        Hooks registered with ``hooks()`` apply at every step.
+        """
+        from interp.positions import as_batch
+
+        if isinstance(input, Tensor) and input.is_floating_point():
+            return self.model.generate(input, *args, **kwargs)  # embeddings: TL's own path
+        batch = as_batch(self, input)
+        if getattr(self.tokenizer, "eos_token_id", None) is None and "eos_token_id" not in kwargs:
+            kwargs.setdefault("stop_at_eos", False)  # nothing to stop at
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("verbose", False)
+        if self._bridge:
+            # transformers 5.24 returns the KV cache as `output.cache`; TransformerBridge
+            # (3.9, 4.3) reads `output.past_key_values`, gets None, and continues each step
+            # from the newest token alone: silently different tokens. Without its cache the
+            # bridge recomputes the prefix, as it should.
+            kwargs.setdefault("use_past_kv_cache", False)
+        kwargs.setdefault("return_type", "tokens")
+        mask = batch.attention_mask
+        if bool((mask == 0).any()):
+            if bool((mask[:, -1] == 0).any()):
+                raise ValueError(
+                    "generate continues every row from its last position, so a padded batch "
+                    "must be left-padded: model.tokenize(texts, padding_side='left')"
+                )
+            kwargs.setdefault("padding_side", "left")
+            if self._bridge:
+                kwargs.setdefault("attention_mask", mask)
+        return self.model.generate(batch.input_ids, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
