@@ -71,7 +71,7 @@ from interp.directions import (
     separation,
 )
 from interp.positions import Batch
-from interp.stats import Interval, bootstrap_ci, paired_bootstrap_ci
+from interp.stats import Interval, bootstrap_ci, paired_bootstrap_ci, spearman
 
 NAME = "inoculation_gradients"
 DATA = Path(__file__).resolve().parent / "data" / "inoculation"
@@ -424,13 +424,6 @@ def _pearson(x: Tensor, y: Tensor) -> float:
     return float((x * y).sum() / denom)
 
 
-def _ranks(x: Tensor) -> Tensor:
-    order = x.double().argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(x.numel(), dtype=torch.float64)
-    return ranks
-
-
 def correlation(x: Tensor, y: Tensor, s: Settings, seed: int) -> dict[str, Any]:
     """Pearson r with a paired bootstrap interval, and Spearman's rho; ``None`` where undefined.
 
@@ -444,10 +437,9 @@ def correlation(x: Tensor, y: Tensor, s: Settings, seed: int) -> dict[str, Any]:
             r = paired_bootstrap_ci(_pearson, x, y, n_boot=s.n_boot, seed=seed)
     except ValueError:
         r = Interval(math.nan, math.nan, math.nan)
-    try:
-        rho = _pearson(_ranks(x), _ranks(y))
-    except ValueError:
-        rho = math.nan
+    # Tie-aware (average ranks): the caps fraction is 0 for most samples, and ranking
+    # those ties arbitrarily would bias rho.
+    rho = spearman(x, y) if x.numel() >= 3 else math.nan
     return {"pearson": r.as_dict(), "spearman": rho, "n": int(x.numel())}
 
 
