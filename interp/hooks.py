@@ -454,9 +454,13 @@ class HookedModelBase:
         """
         if kw:
             conventions.check_kwargs(kw, self._accepted(text=False))
-        if return_type == "logits" and stop_at_layer is None:
+        if return_type == "logits" and stop_at_layer is None and not loss_per_token:
             return self._forward(input_ids, attention_mask, **kw)
         conventions.check_return_type(return_type)
+        if loss_per_token and return_type not in ("loss", "both"):
+            raise ValueError(
+                f"loss_per_token=True needs return_type='loss' or 'both', got {return_type!r}"
+            )
         if stop_at_layer is not None:
             layer = conventions.stop_layer(stop_at_layer, self.cfg.n_layers)
             name = conventions.stop_hook_name(layer, self.cfg.n_layers)
@@ -471,6 +475,11 @@ class HookedModelBase:
             return logits
         if return_type is None:
             return None
+        if logits.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"return_type={return_type!r} needs logits at every position; these are "
+                f"{tuple(logits.shape[:2])} for ids {tuple(input_ids.shape)} (logits_to_keep?)"
+            )
         loss = conventions.lm_cross_entropy_loss(
             logits, input_ids, attention_mask, per_token=loss_per_token
         )

@@ -118,6 +118,8 @@ def test_return_type_loss_both_none_on_every_backend(model, ids):
     assert torch.allclose(via_forward, expected, atol=1e-5)
     with pytest.raises(ValueError, match="return_type"):
         model(ids, return_type="logit")
+    with pytest.raises(ValueError, match="loss_per_token"):
+        model(ids, loss_per_token=True)  # no loss to give per token
 
 
 def test_loss_matches_transformer_lens_own_loss():
@@ -344,6 +346,8 @@ def test_backend_keyword_arguments_pass_through(hf, ids):
     with torch.no_grad():
         assert hf(ids, logits_to_keep=1).shape[1] == 1
         assert hf.forward(ids, None, logits_to_keep=1).shape[1] == 1
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            hf(ids, logits_to_keep=1, return_type="loss")
     with pytest.raises(TypeError, match="output_attentions"):
         hf(ids, output_attentions=True)  # its output would be dropped: refused
 
