@@ -318,25 +318,25 @@ def test_gradients_agree_with_transformer_bridge(ids):
 
 
 def test_hooks_on_the_same_norm_compose_in_transformer_lens_order(ids):
+    """scale → normalized → the norm's output, whatever order the hooks were added in."""
     model = interp.tiny("llama")
-    base = interp.capture(model, ids, ["blocks.1.ln2.hook_scale", "blocks.1.ln2.hook_normalized"])
-    scale, normalized = base["blocks.1.ln2.hook_scale"], base["blocks.1.ln2.hook_normalized"]
+    base = interp.capture(model, ids, "blocks.1.ln2.hook_normalized")
+    normalized = base["blocks.1.ln2.hook_normalized"]
     seen = {}
+    out_hook = (
+        "model.layers.1.post_attention_layernorm.hook_out",
+        lambda t, h: seen.setdefault("out", t),
+    )
     fwd = [
         ("blocks.1.ln2.hook_normalized", lambda t, h: t + 1.0),
-        ("blocks.1.ln2.hook_scale", lambda t, h: t * 2.0),  # registered later, runs first
+        ("blocks.1.ln2.hook_scale", lambda t, h: t * 2.0),  # added later, runs first
         ("blocks.1.ln2.hook_normalized", lambda t, h: seen.setdefault("normalized", t.clone())),
-        (
-            "model.layers.1.post_attention_layernorm.hook_out",
-            lambda t, h: seen.setdefault("out", t),
-        ),
     ]
-    with model.hooks(fwd=fwd):
+    with model.hooks(fwd=[out_hook]), model.hooks(fwd=fwd):  # the output hook is older
         model(ids)
     torch.testing.assert_close(seen["normalized"], normalized / 2.0 + 1.0)
     weight = model.model.model.layers[1].post_attention_layernorm.weight
     torch.testing.assert_close(seen["out"], weight * (normalized / 2.0 + 1.0))
-    del scale
 
 
 def test_in_place_edits_take_effect(ids):
