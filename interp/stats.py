@@ -400,6 +400,9 @@ def sign_flip_test(
     on 0 under the null, as the mean is.
     """
     _check_test_args(n_perm, alternative)
+    if a.dim() != 1 or (b is not None and b.shape != a.shape):
+        shapes = [tuple(a.shape)] + ([] if b is None else [tuple(b.shape)])
+        raise ValueError(f"sign_flip_test needs 1-D paired samples of one length, got {shapes}")
     d = a.double() if b is None else a.double() - b.double()
     if d.numel() == 0:
         raise ValueError("sign_flip_test needs at least one pair")
@@ -439,6 +442,10 @@ def permutation_test(
     to ``mean(a) − mean(b)`` (vectorized); two-sided compares ``|T*| >= |T|``.
     """
     _check_test_args(n_perm, alternative)
+    if a.dim() != 1 or b.dim() != 1:
+        raise ValueError(
+            f"permutation_test needs 1-D samples, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     n, m = a.numel(), b.numel()
     if n == 0 or m == 0:
         raise ValueError(f"permutation_test needs two non-empty samples, got {n} and {m}")
@@ -468,7 +475,7 @@ def permutation_test(
 # ------------------------------------------------------------------ multiplicity
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: compare p_adjusted / reject directly
 class Correction:
     """P-values adjusted for multiple comparisons.
 

@@ -333,3 +333,5 @@ def test_permutation_test_detects_a_shift_and_matches_a_custom_statistic():
         permutation_test(a, b, alternative="both")
     with pytest.raises(ValueError, match="n_perm"):
         sign_flip_test(a, n_perm=0)
+    with pytest.raises((ValueError, TypeError)):  # TypeError: the shape check of jaxtyping
+        sign_flip_test(a, b[:3])
