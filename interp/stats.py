@@ -108,7 +108,7 @@ def rankdata(x: Real[Tensor, " n"]) -> Float[Tensor, " n"]:
         raise ValueError("rankdata: input contains NaN")
     order = x.argsort()
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
     uniq, inverse = x.unique(return_inverse=True)
     sums = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
     counts = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
@@ -152,7 +152,7 @@ def _group_codes(groups: Groups, n: int) -> Tensor:
     if isinstance(groups, Tensor):
         if groups.dim() != 1:
             raise ValueError(f"groups must be one label per row, got shape {tuple(groups.shape)}")
-        codes = groups.unique(return_inverse=True)[1]
+        codes = groups.cpu().unique(return_inverse=True)[1]
     else:
         seen: dict[Hashable, int] = {}
         codes = torch.tensor([seen.setdefault(g, len(seen)) for g in groups], dtype=torch.long)
@@ -415,15 +415,16 @@ def sign_flip_test(
     chunks = []
     for start in range(0, n_perm, _CHUNK):
         k = min(_CHUNK, n_perm - start)
-        signs = torch.where(_uniform(gen, (k, n_signs)) < 0.5, -1.0, 1.0).double()
+        signs = torch.where(_uniform(gen, (k, n_signs)) < 0.5, -1.0, 1.0).double().to(d.device)
         if codes is not None:
-            signs = signs[:, codes]
+            signs = signs[:, codes.to(d.device)]
         flipped = signs * d
         if statistic is None:
             chunks.append(flipped.mean(1))
         else:
             chunks.append(torch.tensor([float(statistic(row)) for row in flipped]))
-    return _permutation_result(observed, torch.cat(chunks).double(), alternative, "sign_flip")
+    null = torch.cat(chunks).double().cpu()
+    return _permutation_result(observed, null, alternative, "sign_flip")
 
 
 def permutation_test(
@@ -461,15 +462,14 @@ def permutation_test(
     chunks = []
     for start in range(0, n_perm, _CHUNK):
         k = min(_CHUNK, n_perm - start)
-        perms = _uniform(gen, (k, n + m)).argsort(dim=1)
+        perms = _uniform(gen, (k, n + m)).argsort(dim=1).to(pooled.device)
         shuffled = pooled[perms]
         if statistic is None:
             chunks.append(shuffled[:, :n].mean(1) - shuffled[:, n:].mean(1))
         else:
             chunks.append(torch.tensor([float(statistic(row[:n], row[n:])) for row in shuffled]))
-    return _permutation_result(
-        observed, torch.cat(chunks).double(), alternative, "label_permutation"
-    )
+    null = torch.cat(chunks).double().cpu()
+    return _permutation_result(observed, null, alternative, "label_permutation")
 
 
 # ------------------------------------------------------------------ multiplicity
@@ -510,7 +510,7 @@ def holm(p: PValues) -> Float[Tensor, " m"]:
     if m == 0:
         return p
     order = p.argsort()
-    scaled = p[order] * torch.arange(m, 0, -1, dtype=torch.float64)
+    scaled = p[order] * torch.arange(m, 0, -1, dtype=torch.float64, device=p.device)
     adjusted = torch.cummax(scaled, 0).values.clamp(max=1.0)
     out = torch.empty_like(p)
     out[order] = adjusted
@@ -529,7 +529,7 @@ def benjamini_hochberg(p: PValues) -> Float[Tensor, " m"]:
     if m == 0:
         return p
     order = p.argsort()
-    scaled = p[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    scaled = p[order] * m / torch.arange(1, m + 1, dtype=torch.float64, device=p.device)
     adjusted = torch.cummin(scaled.flip(0), 0).values.flip(0).clamp(max=1.0)
     out = torch.empty_like(p)
     out[order] = adjusted
