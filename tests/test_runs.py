@@ -1,0 +1,439 @@
+"""interp.runs: batched generate / score / capture_dataset against naive per-example loops.
+
+Every expectation comes from the plain ``transformers`` model run one example at a time,
+unpadded (``model.model(ids)`` / ``model.model.generate(ids)``), or from ``interp.capture``
+on one text at a time, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+import interp
+from interp import runs
+from interp.chat import encode
+from interp.positions import Batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = ["The cat sat on the mat.", "Hi", "A much longer sentence about dogs.", "Why?"]
+CONVS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "what is the capital of France?"}],
+    [{"role": "user", "content": "two plus two"}],
+]
+CHATS = [
+    [*CONVS[0], {"role": "assistant", "content": "hello there"}],
+    [*CONVS[1], {"role": "assistant", "content": "Paris"}],
+    [*CONVS[2], {"role": "assistant", "content": "four, of course"}],
+]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return interp.tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def gpt2():  # absolute position embeddings: left padding is wrong without position ids
+    return interp.tiny("gpt2")
+
+
+def ids_of(model, text):
+    return torch.tensor([model.tokenizer(text)["input_ids"]])
+
+
+def plain_greedy(model, ids, max_new_tokens):
+    """Unpadded, one prompt at a time, with transformers' own generate."""
+    tok = model.tokenizer
+    out = model.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    new = out[0, ids.shape[1] :].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id) + 1]
+    return new
+
+
+def plain_logprobs(model, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1 of one unpadded row, fp32 log-softmax."""
+    with torch.no_grad():
+        logits = model.model(ids).logits[0]
+    lp = logits[:-1].float().log_softmax(-1)
+    return lp.gather(-1, ids[0, 1:, None])[:, 0]
+
+
+# ---- generate ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_greedy_equals_row_by_row(family, llama, gpt2):
+    model = {"llama": llama, "gpt2": gpt2}[family]
+    out = runs.generate(model, TEXTS, max_new_tokens=6, batch_size=3, progress=False)
+    for i, text in enumerate(TEXTS):
+        assert out.token_ids[i] == plain_greedy(model, ids_of(model, text), 6), text
+    assert out.prompt_index == [0, 1, 2, 3]
+    assert out.texts[0] == model.tokenizer.decode(out.token_ids[0], skip_special_tokens=True)
+
+
+def test_conversations_generate_and_the_result_batch(llama):
+    out = runs.generate(llama, CONVS, max_new_tokens=5, batch_size=2, progress=False)
+    enc = encode(llama.tokenizer, CONVS, padding_side="left")
+    batch = out.batch
+    for i in range(len(CONVS)):
+        prompt = enc.input_ids[i][enc.attention_mask[i].bool()][None]
+        assert out.token_ids[i] == plain_greedy(llama, prompt, 5)
+        # The result batch is prompt + generated tokens; named positions point into it.
+        n = prompt.shape[1]
+        row = batch.input_ids[i][batch.attention_mask[i].bool()]
+        assert row[:n].tolist() == prompt[0].tolist()
+        assert row[n:].tolist() == out.token_ids[i]
+        gen = batch.masks["generated"][i].nonzero().flatten()
+        assert gen.tolist() == list(range(n, n + len(out.token_ids[i])))
+        assert int(batch.positions["pre_assistant"][i]) == n - 1
+        assert batch.input_ids[i, n - 1] == enc.input_ids[i, enc.positions["pre_assistant"][i]]
+    # Teacher forcing on the model's own greedy generations: each generated token is the
+    # argmax of the logits one position earlier.
+    with torch.no_grad():
+        logits = llama.model(batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows, cols = batch.masks["generated"].nonzero(as_tuple=True)
+    assert torch.equal(logits[rows, cols - 1].argmax(-1), batch.input_ids[rows, cols])
+
+
+def test_sampling_is_seeded_per_row(llama):
+    kw = dict(max_new_tokens=6, do_sample=True, n=3, progress=False)
+    a = runs.generate(llama, TEXTS[:2], seed=7, batch_size=6, **kw)
+    torch.manual_seed(123)  # the global RNG plays no part
+    b = runs.generate(llama, TEXTS[:2], seed=7, batch_size=1, **kw)
+    c = runs.generate(llama, TEXTS[:2], seed=8, batch_size=6, **kw)
+    assert a.token_ids == b.token_ids  # same seed, any batch size
+    assert a.token_ids != c.token_ids
+    assert len({tuple(t) for t in a.token_ids}) == 6  # the samples of a prompt differ
+    assert a.prompt_index == [0, 0, 0, 1, 1, 1] and a.sample_index == [0, 1, 2, 0, 1, 2]
+    assert [len(g) for g in a.by_prompt()] == [3, 3]
+
+
+def test_sampling_at_low_temperature_is_greedy(llama):
+    greedy = runs.generate(llama, TEXTS, max_new_tokens=5, progress=False)
+    cold = runs.generate(
+        llama, TEXTS, max_new_tokens=5, do_sample=True, temperature=1e-4, progress=False
+    )
+    nucleus = runs.generate(
+        llama, TEXTS, max_new_tokens=5, do_sample=True, top_p=1e-6, progress=False
+    )
+    assert cold.token_ids == greedy.token_ids
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_sampling_follows_temperature_and_top_p(llama):
+    """The first sampled token's frequencies match transformers' own warpers' distribution."""
+    text, temperature, top_p, n = "hello", 0.5, 0.6, 3000
+    out = runs.generate(
+        llama,
+        [text],
+        max_new_tokens=1,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        n=n,
+        batch_size=1000,
+        seed=3,
+        progress=False,
+    )
+    ids = ids_of(llama, text)
+    with torch.no_grad():
+        logits = llama.model(ids).logits[:, -1].float()
+    scores = TopPLogitsWarper(top_p)(ids, TemperatureLogitsWarper(temperature)(ids, logits))
+    expected = scores.softmax(-1)[0]
+    counts = torch.bincount(torch.tensor([t[0] for t in out.token_ids]), minlength=len(expected))
+    assert expected[counts > 0].min() > 0  # nothing outside the nucleus
+    tv = 0.5 * (counts / n - expected).abs().sum()
+    assert tv < 0.08, tv
+
+
+def test_stop_strings(llama):
+    full = runs.generate(llama, TEXTS, max_new_tokens=12, progress=False)
+    text = full.texts[0]
+    # A printable character that occurs after the start of the completion.
+    at = next(i for i, ch in enumerate(text) if i > 0 and ch.isascii() and ch.isprintable())
+    stop = text[at]
+    out = runs.generate(llama, TEXTS, max_new_tokens=12, stop=[stop, "\x00never"], progress=False)
+    assert out.texts[0] == text[: text.find(stop)]
+    assert out.finish_reasons[0] == "stop"
+    ids = out.token_ids[0]
+    assert full.token_ids[0][: len(ids)] == ids
+    assert stop in llama.tokenizer.decode(ids) and stop not in llama.tokenizer.decode(ids[:-1])
+    for i in range(len(TEXTS)):  # rows without the stop string run on unchanged
+        if stop not in full.texts[i]:
+            assert out.token_ids[i] == full.token_ids[i]
+            assert out.finish_reasons[i] == full.finish_reasons[i]
+
+
+def test_hooks_on_all_or_generated(llama):
+    name = "blocks.2.hook_resid_post"
+
+    def push(tensor, hook):
+        return tensor + 10.0 * tensor.new_ones(tensor.shape[-1])
+
+    base = runs.generate(llama, TEXTS, max_new_tokens=5, progress=False)
+    every = runs.generate(llama, TEXTS, max_new_tokens=5, hooks=[(name, push)], progress=False)
+    later = runs.generate(
+        llama, TEXTS, max_new_tokens=5, hooks=[(name, push)], hooks_on="generated", progress=False
+    )
+    # The same hook on a plain per-prompt loop.
+    with llama.hooks(fwd=[(name, push)]):
+        expected = [plain_greedy(llama, ids_of(llama, t), 5) for t in TEXTS]
+    assert every.token_ids == expected
+    # "generated": the first token comes from the unhooked prompt pass, the rest are steered.
+    assert [t[0] for t in later.token_ids] == [t[0] for t in base.token_ids]
+    assert [t[0] for t in later.token_ids] != [t[0] for t in every.token_ids]
+    assert later.token_ids != base.token_ids
+
+
+def test_generate_refuses_bad_input(llama):
+    with pytest.raises(ValueError, match="empty input"):
+        runs.generate(llama, [], max_new_tokens=3, progress=False)
+    with pytest.raises(ValueError, match="do_sample"):
+        runs.generate(llama, TEXTS, max_new_tokens=3, n=2, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        runs.generate(llama, TEXTS, max_new_tokens=0, progress=False)
+    with pytest.raises(ValueError, match="assistant"):
+        runs.generate(llama, CHATS, max_new_tokens=3, progress=False)
+    with pytest.raises(ValueError, match="hooks_on"):
+        runs.generate(llama, TEXTS, max_new_tokens=3, hooks_on="prompt", progress=False)
+
+
+# ---- score -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_score_equals_a_naive_loop(family, side, llama, gpt2):
+    model = {"llama": llama, "gpt2": gpt2}[family]
+    batch = encode(model.tokenizer, CHATS, padding_side=side)
+    got = runs.score(model, batch, mask="assistant", batch_size=2)
+    every = runs.score(model, batch, reduction="sum", batch_size=2)
+    for i in range(len(CHATS)):
+        real = batch.attention_mask[i].bool()
+        ids = batch.input_ids[i][real][None]
+        lp = plain_logprobs(model, ids)  # lp[t - 1] scores token t
+        assistant = batch.masks["assistant"][i][real].nonzero().flatten()
+        expected = lp[assistant - 1]
+        cols = real.nonzero().flatten()[assistant]
+        torch.testing.assert_close(got.logprobs[i, cols], expected)
+        torch.testing.assert_close(got.nll[i], -expected.mean())
+        assert int(got.n_tokens[i]) == len(assistant)
+        assert not got.mask[i][~batch.masks["assistant"][i]].any()
+        # mask=None: every token but the first of its row.
+        torch.testing.assert_close(every.nll[i], -lp.sum())
+        assert int(every.n_tokens[i]) == ids.shape[1] - 1
+
+
+def test_score_reductions_bool_masks_and_texts(llama):
+    batch = llama.tokenize(TEXTS, padding_side="left")
+    mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    mask[:, -2:] = True  # the last two tokens of every row (left padding)
+    none = runs.score(llama, batch, mask, reduction="none", batch_size=3)
+    mean = runs.score(llama, batch, mask, reduction="mean")
+    for i, text in enumerate(TEXTS):
+        lp = plain_logprobs(llama, ids_of(llama, text))
+        k = min(2, len(lp))  # a row's first token is never scored ("Hi" has two tokens)
+        torch.testing.assert_close(none.nll[i, -k:], -lp[-k:])
+        torch.testing.assert_close(mean.nll[i], -lp[-k:].mean())
+        assert int(none.n_tokens[i]) == k
+    assert none.nll.shape == batch.input_ids.shape
+    # Plain texts are tokenized and scored on every predicted token.
+    texts = runs.score(llama, TEXTS, reduction="sum")
+    for i, text in enumerate(TEXTS):
+        torch.testing.assert_close(texts.nll[i], -plain_logprobs(llama, ids_of(llama, text)).sum())
+
+
+def test_score_of_generations_is_their_likelihood(llama):
+    out = runs.generate(llama, CONVS, max_new_tokens=4, do_sample=True, seed=0, progress=False)
+    got = runs.score(llama, out, mask="generated", reduction="none")
+    for i in range(len(CONVS)):
+        row = out.batch.input_ids[i][out.batch.attention_mask[i].bool()][None]
+        lp = plain_logprobs(llama, row)
+        n = len(out.token_ids[i])
+        torch.testing.assert_close(got.logprobs[i][got.mask[i]], lp[-n:])
+
+
+def test_score_refuses_bad_masks(llama):
+    batch = encode(llama.tokenizer, CHATS)
+    with pytest.raises(KeyError, match=r"unknown mask 'answer'.*assistant"):
+        runs.score(llama, batch, mask="answer")
+    with pytest.raises(ValueError, match="does not match"):
+        runs.score(llama, batch, mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        runs.score(llama, batch, mask=torch.ones_like(batch.input_ids))
+    with pytest.raises(ValueError, match="reduction"):
+        runs.score(llama, batch, reduction="max")
+    with pytest.raises(ValueError, match="empty input"):
+        runs.score(llama, [])
+
+
+# ---- capture_dataset ---------------------------------------------------------------------------
+SPECIAL_TEXTS = ["<|im_start|>The cat sat.<|im_end|>", "Hi<|endoftext|>", "<|im_start|>Why not?"]
+NAMES = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+def loop_acts(model, text, names):
+    """Per-text, unpadded: every token's activations and whether it is special."""
+    ids = ids_of(model, text)
+    cache = interp.capture(model, ids, names)
+    special = torch.isin(ids[0], torch.tensor([*model.tokenizer.all_special_ids, 257]))
+    return {n: cache[n][0] for n in names}, special
+
+
+def test_capture_dataset_pooling_equals_a_per_text_loop(llama):
+    mean = runs.capture_dataset(
+        llama, SPECIAL_TEXTS, NAMES, pool="mean", batch_size=2, progress=False
+    )
+    last = runs.capture_dataset(
+        llama, SPECIAL_TEXTS, NAMES, pool="last", batch_size=2, progress=False
+    )
+    tokens = runs.capture_dataset(llama, SPECIAL_TEXTS, NAMES, batch_size=2, progress=False)
+    keep_all = runs.capture_dataset(
+        llama, SPECIAL_TEXTS, NAMES, pool="mean", exclude_special=False, progress=False
+    )
+    assert runs.special_ids(llama.tokenizer) == [256, 257, 258]
+    start = 0
+    for i, text in enumerate(SPECIAL_TEXTS):
+        acts, special = loop_acts(llama, text, NAMES)
+        real = (~special).nonzero().flatten()
+        n = len(real)
+        for name in NAMES:
+            torch.testing.assert_close(mean[name][i], acts[name][real].mean(0))
+            torch.testing.assert_close(last[name][i], acts[name][real[-1]])
+            torch.testing.assert_close(keep_all[name][i], acts[name].mean(0))
+            torch.testing.assert_close(tokens[name][start : start + n], acts[name][real])
+        assert tokens.example[start : start + n].tolist() == [i] * n
+        assert tokens.position[start : start + n].tolist() == real.tolist()
+        start += n
+    assert len(tokens) == start and len(mean) == len(SPECIAL_TEXTS)
+    assert not torch.allclose(mean[NAMES[0]], keep_all[NAMES[0]])  # the specials mattered
+
+
+def test_capture_dataset_chat_positions_and_masks(llama):
+    batch = encode(llama.tokenizer, CHATS, padding_side="left")
+    at = runs.capture_dataset(llama, CHATS, NAMES, pool="pre_assistant", progress=False)
+    assistant = runs.capture_dataset(llama, batch, NAMES, pool="assistant", progress=False)
+    rows = runs.capture_dataset(llama, CHATS, NAMES, positions="assistant", progress=False)
+    last2 = runs.capture_dataset(llama, batch, NAMES, positions=[-2, -1], progress=False)
+    start = 0
+    for i in range(len(CHATS)):
+        real = batch.attention_mask[i].bool()
+        ids = batch.input_ids[i][real][None]
+        cache = interp.capture(llama, ids, NAMES)
+        pre = int(batch.positions["pre_assistant"][i]) - int((~real).sum())
+        a = batch.masks["assistant"][i][real]
+        for name in NAMES:
+            torch.testing.assert_close(at[name][i], cache[name][0, pre])
+            torch.testing.assert_close(assistant[name][i], cache[name][0][a].mean(0))
+            torch.testing.assert_close(rows[name][start : start + int(a.sum())], cache[name][0][a])
+            torch.testing.assert_close(last2[name][i], cache[name][0, -2:])
+        start += int(a.sum())
+
+
+def test_capture_dataset_shards_resume(llama, tmp_path):
+    texts = [f"text number {i} " * (1 + i % 3) for i in range(7)]
+    expected = runs.capture_dataset(llama, texts, NAMES, pool="mean", batch_size=2, progress=False)
+
+    def interrupted():
+        for i, t in enumerate(texts):
+            if i == 5:
+                raise KeyboardInterrupt("simulated interruption")
+            yield t
+
+    folder = tmp_path / "acts"
+    with pytest.raises(KeyboardInterrupt):
+        runs.capture_dataset(
+            llama, interrupted(), NAMES, pool="mean", batch_size=2, to=folder, progress=False
+        )
+    assert sorted(p.name for p in folder.glob("shard_*")) == [
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+    ]
+    assert not (folder / "meta.json").exists()
+    assert not list(folder.glob(".*tmp"))  # nothing half-written
+
+    forwards = []
+    with llama.hooks(fwd=[("hook_embed", lambda t, h: forwards.append(t.shape[0]))]):
+        done = runs.capture_dataset(
+            llama, texts, NAMES, pool="mean", batch_size=2, to=folder, progress=False
+        )
+    assert sum(forwards) == 3  # only texts 4, 5 and 6 ran again
+    assert isinstance(done, runs.ShardedActivations) and len(done) == 7
+    loaded = done.load()
+    for name in NAMES:
+        torch.testing.assert_close(loaded[name], expected[name])
+    assert loaded.example.tolist() == list(range(7))
+    # Other inputs or settings in the same folder are refused, not mixed in.
+    with pytest.raises(ValueError, match="different"):
+        runs.capture_dataset(
+            llama, texts, NAMES, pool="last", batch_size=2, to=folder, progress=False
+        )
+    with pytest.raises(ValueError, match="other inputs"):
+        runs.capture_dataset(
+            llama, texts[::-1], NAMES, pool="mean", batch_size=2, to=folder, progress=False
+        )
+
+
+def test_capture_dataset_stops_after_the_last_block_asked(llama):
+    if not runs._accepts(llama, "stop_at_layer"):
+        pytest.skip("model(..., stop_at_layer=) is not available on this backend yet")
+    fired = []
+    with llama.hooks(fwd=[("blocks.2.hook_resid_pre", lambda t, h: fired.append(1))]):
+        out = runs.capture_dataset(
+            llama, TEXTS, "blocks.0.hook_resid_post", pool="mean", progress=False
+        )
+    assert not fired and out["blocks.0.hook_resid_post"].shape == (len(TEXTS), 64)
+
+
+def test_capture_dataset_refuses_bad_input(llama):
+    with pytest.raises(ValueError, match="empty input"):
+        runs.capture_dataset(llama, [], NAMES, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        runs.capture_dataset(llama, TEXTS, NAMES, positions=-1, pool="mean", progress=False)
+    with pytest.raises(KeyError, match="unknown named position 'answer'"):
+        runs.capture_dataset(llama, CHATS, NAMES, pool="answer", progress=False)
+    with pytest.raises(ValueError, match="no tokens to use"):
+        runs.capture_dataset(llama, ["<|im_start|>"], NAMES, pool="mean", progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        runs.capture_dataset(llama, TEXTS, NAMES, positions=5, progress=False)
+    with pytest.raises(TypeError, match=r"interp\.capture"):
+        runs.capture_dataset(
+            llama, TEXTS, NAMES, positions=torch.ones(4, 3, dtype=torch.bool), progress=False
+        )
+
+
+# ---- bf16 --------------------------------------------------------------------------------------
+def test_bf16_runs_without_upcasting():
+    model = interp.tiny("llama")
+    ref = runs.score(model, CHATS, mask="assistant")
+    ref_acts = runs.capture_dataset(model, TEXTS, NAMES, pool="mean", progress=False)
+    model.model.to(torch.bfloat16)
+    out = runs.generate(model, CONVS, max_new_tokens=4, do_sample=True, n=2, progress=False)
+    assert len(out.token_ids) == 6 and all(len(t) > 0 for t in out.token_ids)
+    scores = runs.score(model, out, mask="generated")
+    assert scores.nll.dtype == torch.float32 and torch.isfinite(scores.nll).all()
+    bf = runs.score(model, CHATS, mask="assistant")
+    torch.testing.assert_close(bf.nll, ref.nll, atol=0.05, rtol=0.02)
+    acts = runs.capture_dataset(model, TEXTS, NAMES, pool="mean", progress=False)
+    assert acts[NAMES[0]].dtype == torch.bfloat16
+    torch.testing.assert_close(acts[NAMES[0]].float(), ref_acts[NAMES[0]], atol=0.1, rtol=0.05)
+    as32 = runs.capture_dataset(
+        model, TEXTS, NAMES, pool="mean", dtype=torch.float32, progress=False
+    )
+    assert as32[NAMES[0]].dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in model.model.parameters())  # never upcast
+
+
+def test_batch_input_with_padding_inside_is_refused(llama):
+    ids = torch.tensor([[5, 6, 7]])
+    bad = Batch(ids, torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="padding between"):
+        runs.score(llama, bad)
