@@ -192,7 +192,7 @@ def _pad_id(model: Any) -> int:
     return 0
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
@@ -653,10 +653,9 @@ def score(
     rows = _rows_from_batch(full)
     att = full.attention_mask.cpu().bool()
     starts = [int(att[b].nonzero()[0]) for b in range(len(rows))]
-    for b, r in enumerate(rows):
-        r.masks = {"_score": want[b, starts[b] : starts[b] + len(r.ids)].clone()}
+    for b, r in enumerate(rows):  # named positions stay, for interventions that use them
+        r.masks["_score"] = want[b, starts[b] : starts[b] + len(r.ids)].clone()
         r.masks["_score"][0] = False  # the first token has no prediction
-        r.positions = {}
     B, T = full.input_ids.shape
     logprobs = torch.zeros((B, T), dtype=torch.float32)
     scored = torch.zeros((B, T), dtype=torch.bool)
@@ -1083,7 +1082,7 @@ def capture_dataset(
     total = len(data) if isinstance(data, Sequence) and not isinstance(data, str) else None
     if isinstance(data, Batch):
         total = len(data)
-    bar = _progress(total or 0, "capture_dataset", progress)
+    bar = _progress(total, "capture_dataset", progress)
     parts: list[DatasetActivations] = []
     shards: list[str] = []
     offset = 0

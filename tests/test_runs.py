@@ -261,6 +261,32 @@ def test_score_of_generations_is_their_likelihood(llama):
         torch.testing.assert_close(got.logprobs[i][got.mask[i]], lp[-n:])
 
 
+def test_score_under_a_named_position_intervention(llama):
+    """Hooks around score apply; named positions resolve against each re-padded mini-batch."""
+    from interp.interventions import add_direction
+
+    name = "blocks.1.hook_resid_post"
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    batch = encode(llama.tokenizer, CHATS, padding_side="left")
+    with llama.hooks(fwd=[(name, add_direction(v, scale=5.0, positions="pre_assistant"))]):
+        got = runs.score(llama, batch, mask="assistant", batch_size=2)
+    for i in range(len(CHATS)):
+        real = batch.attention_mask[i].bool()
+        ids = batch.input_ids[i][real][None]
+        pre = int(batch.positions["pre_assistant"][i]) - int((~real).sum())
+
+        def push(t, hook, pre=pre):
+            t = t.clone()
+            t[:, pre] += 5.0 * v
+            return t
+
+        with llama.hooks(fwd=[(name, push)]):
+            lp = plain_logprobs(llama, ids)
+        a = batch.masks["assistant"][i][real].nonzero().flatten()
+        torch.testing.assert_close(got.nll[i], -lp[a - 1].mean())
+    assert not torch.allclose(got.nll, runs.score(llama, batch, mask="assistant").nll)
+
+
 def test_score_refuses_bad_masks(llama):
     batch = encode(llama.tokenizer, CHATS)
     with pytest.raises(KeyError, match=r"unknown mask 'answer'.*assistant"):
