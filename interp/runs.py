@@ -288,8 +288,8 @@ def _sampler(uniforms: Tensor, prompt_len: int, temperature: float, top_p: float
     class _Sample(LogitsProcessor):
         def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
             step = input_ids.shape[1] - prompt_len
-            u = uniforms[:, step].to(device=scores.device, dtype=torch.float64)
-            probs = torch.softmax(scores.double() / temperature, dim=-1)
+            u = uniforms[:, step].to(device=scores.device, dtype=torch.float32)
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
             if top_p < 1.0:
                 sorted_p, order = probs.sort(dim=-1, descending=True)
                 before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
@@ -297,7 +297,11 @@ def _sampler(uniforms: Tensor, prompt_len: int, temperature: float, top_p: float
                 probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
             cdf = probs.cumsum(-1)
             target = (u * cdf[:, -1]).unsqueeze(-1)
-            token = torch.searchsorted(cdf, target, right=True).clamp_max(probs.shape[-1] - 1)
+            token = torch.searchsorted(cdf, target, right=True)
+            # Rounding can put the target at the total mass: take the last possible token.
+            ids = torch.arange(probs.shape[-1], device=probs.device)
+            last = torch.where(probs > 0, ids, 0).max(-1, keepdim=True).values
+            token = torch.minimum(token, last)
             out = torch.full_like(scores, float("-inf"))
             return out.scatter(-1, token, 0.0)
 

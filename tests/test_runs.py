@@ -71,9 +71,9 @@ def plain_logprobs(model, ids):
 
 
 # ---- generate ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2_moe"])
 def test_batched_greedy_equals_row_by_row(family, llama, gpt2):
-    model = {"llama": llama, "gpt2": gpt2}[family]
+    model = {"llama": llama, "gpt2": gpt2}.get(family) or interp.tiny(family)
     out = runs.generate(model, TEXTS, max_new_tokens=6, batch_size=3, progress=False)
     for i, text in enumerate(TEXTS):
         assert out.token_ids[i] == plain_greedy(model, ids_of(model, text), 6), text
