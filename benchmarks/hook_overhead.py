@@ -2,6 +2,13 @@
 every layer through interp, plain torch hooks, TransformerBridge ``run_with_cache`` and
 nnsight ``.save()``. Also: bytes stored by a one-position capture vs a full-sequence one.
 
+A second group times capturing the attention pattern (``attn.hook_pattern``) at every
+layer, which needs the attention computed where a hook sees it: interp (its attention
+function, switched on while the hook is registered), ``transformers`` itself
+(``output_attentions=True`` on the eager implementation), TransformerBridge
+``run_with_cache`` and nnsight (saving the eager attention's weights), all against the
+same bare forward of the model as loaded (SDPA).
+
     python benchmarks/hook_overhead.py [--device cpu] [--rounds 150] [--rounds-large 20]
         [--quick] [--model NAME] [--out FILE]
 
@@ -27,6 +34,7 @@ import interp
 
 TARGET = 1.02
 NAMES = "blocks.*.hook_resid_post"
+PATTERN = "blocks.*.attn.hook_pattern"
 
 
 def build_variants(model, ids, mask, bridge, nn_model):
@@ -68,6 +76,40 @@ def build_variants(model, ids, mask, bridge, nn_model):
     return variants
 
 
+def build_pattern_variants(model, eager, ids, mask, bridge, nn_eager):
+    """Capturing the attention pattern at every layer, each tool its own way."""
+    hf = model.model
+
+    def bare():
+        return hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    def interp_pattern():
+        return interp.capture(model, {"input_ids": ids, "attention_mask": mask}, PATTERN)
+
+    def hf_output_attentions():
+        out = eager(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
+        return out.logits, out.attentions
+
+    variants = {
+        "bare forward": bare,
+        "interp capture attn.hook_pattern": interp_pattern,
+        "transformers output_attentions (eager)": hf_output_attentions,
+    }
+    if bridge is not None:
+        names = [n for n in bridge.hook_names if n.endswith("attn.hook_pattern")]
+        variants["TransformerBridge run_with_cache pattern"] = lambda: bridge.model.run_with_cache(
+            ids, names_filter=names
+        )
+    if nn_eager is not None:
+        from nnsight_capture import nnsight_pattern
+
+        n_layers = model.cfg.n_layers
+        variants["nnsight .save() pattern (eager)"] = lambda: nnsight_pattern(
+            nn_eager, ids, n_layers
+        )
+    return variants
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -77,6 +119,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="20 / 3 rounds")
     p.add_argument("--sizes", default="1x16,8x128")
     p.add_argument("--no-peers", action="store_true", help="skip TransformerBridge and nnsight")
+    p.add_argument("--no-pattern", action="store_true", help="skip the attention-pattern group")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -101,6 +144,14 @@ def main(argv=None) -> dict:
             nn_model = LanguageModel(model.model, tokenizer=model.tokenizer)
         except ImportError:
             nn_model = None
+    eager = nn_eager = None
+    if not args.no_pattern:
+        eager = copy.deepcopy(model.model)
+        eager.set_attn_implementation("eager")
+        if nn_model is not None:
+            from nnsight import LanguageModel
+
+            nn_eager = LanguageModel(eager, tokenizer=model.tokenizer)
     results: dict = {
         "benchmark": "hook_overhead",
         "machine": machine,
@@ -134,6 +185,16 @@ def main(argv=None) -> dict:
         for name, r in res.items():
             if not name.startswith("_"):
                 rows.append([size, name, f"{r['median_s'] * 1e3:.1f} ms", harness.fmt_ratio(r)])
+        if eager is not None:
+            variants = build_pattern_variants(model, eager, ids, mask, bridge, nn_eager)
+            print(f"{size}: attention pattern, {len(variants)} variants × {rounds} rounds …")
+            with torch.no_grad():
+                res = harness.interleaved(variants, "bare forward", rounds=rounds, sync=sync)
+            results.setdefault("pattern_sizes", {})[size] = res
+            for name, r in res.items():
+                if name != "bare forward":
+                    ms = f"{r['median_s'] * 1e3:.1f} ms"
+                    rows.append([size, name, ms, harness.fmt_ratio(r)])
     verdicts = {
         s: harness.judge(results["sizes"][s]["interp capture"], TARGET) for s in results["sizes"]
     }

@@ -10,3 +10,13 @@ def nnsight_capture(lm, ids, n_layers: int):
         for i in range(n_layers):
             saved.append(lm.model.layers[i].output.save())
     return saved
+
+
+def nnsight_pattern(lm, ids, n_layers: int):
+    """The attention weights of every layer; ``lm`` wraps a model on eager attention
+    (whose attention modules return ``(output, weights)``)."""
+    saved = []
+    with lm.trace(ids):
+        for i in range(n_layers):
+            saved.append(lm.model.layers[i].self_attn.output[1].save())
+    return saved

@@ -72,12 +72,12 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
     def add(suite, size, what, result, target="", verdict="", load=""):
         rows.append([suite, size, what, result, target, verdict, load])
 
-    def per_size(suite: str, d: dict, target_key: str, is_target) -> None:
+    def per_size(suite: str, d: dict, target_key: str, is_target, key: str = "sizes") -> None:
         """Rows of a suite timed per batch×tokens size against a bare forward; the variants
         ``is_target`` accepts carry the target and its verdict."""
         load, tgt = _load(d.get("machine")), d.get("target", {})
         t = tgt.get(target_key)
-        for size, group in d.get("sizes", {}).items():
+        for size, group in d.get(key, {}).items():
             for name, r in _variants(group).items():
                 if name == "bare forward":
                     continue
@@ -90,6 +90,7 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
 
     if d := read("hook_overhead"):
         per_size("hook_overhead", d, "interp_capture_max_ratio", lambda n: n == "interp capture")
+        per_size("hook_overhead", d, "", lambda n: False, key="pattern_sizes")
     if d := read("grad_capture"):
         load, t = _load(d.get("machine")), d.get("target", {}).get("max_ratio")
         key = "interp capture_grads (1 position, all layers)"

@@ -169,7 +169,12 @@ def _check_not_empty(batch: Batch) -> None:
 class _Running:
     batch: Batch
     generating: bool = False
+    cached: bool = True
     forward_calls: int = 0
+
+    def count(self, tensor: Tensor, hook: Any) -> None:
+        """A hook for ``hook_embed``: counts the forward passes of a ``generate`` call."""
+        self.forward_calls += 1
 
 
 _RUNNING: contextvars.ContextVar[_Running | None] = contextvars.ContextVar(
@@ -178,28 +183,20 @@ _RUNNING: contextvars.ContextVar[_Running | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def running(batch: Batch, generating: torch.nn.Module | None = None) -> Iterator[Batch]:
+def running(batch: Batch, generating: bool = False, cached: bool = True) -> Iterator[_Running]:
     """Make ``batch`` the one hooks see while it runs (see ``running_batch``).
 
-    ``generating``: the module ``generate`` calls once per step; its forward passes are
-    counted so that interventions with positions edit the prompt's pass only
-    (``decoding_step``).
+    ``generating``: inside ``generate``; register the yielded state's ``count`` at
+    ``hook_embed`` so that interventions with positions edit the prompt's pass only
+    (``decoding_step``). ``cached=False``: each step recomputes the whole prefix (no KV
+    cache), where editing the prompt's pass only would be undone at the next step.
     """
-    state = _Running(batch, generating=generating is not None)
-    handle = None
-    if generating is not None:
-
-        def count(_module: Any, _args: Any) -> None:
-            state.forward_calls += 1
-
-        handle = generating.register_forward_pre_hook(count)
+    state = _Running(batch, generating=generating, cached=cached)
     token = _RUNNING.set(state)
     try:
-        yield batch
+        yield state
     finally:
         _RUNNING.reset(token)
-        if handle is not None:
-            handle.remove()
 
 
 def running_batch() -> Batch | None:
@@ -211,9 +208,23 @@ def running_batch() -> Batch | None:
 
 
 def decoding_step() -> bool:
-    """True during a ``generate`` step after the prompt's forward pass."""
+    """True during a ``generate`` step after the prompt's forward pass (with a KV cache).
+
+    Without a KV cache every step recomputes the prompt, and an edit of the prompt's
+    positions on its first pass only would silently vanish at the next step: that case
+    raises ``PositionError``.
+    """
     state = _RUNNING.get()
-    return state is not None and state.generating and state.forward_calls > 1
+    if state is None or not state.generating or state.forward_calls <= 1:
+        return False
+    if not state.cached:
+        raise PositionError(
+            "an intervention with positions= inside generate without a KV cache: every step "
+            "recomputes the prompt, so positions would mean different tokens at each step. Use "
+            "positions=None, generate with a KV cache (the Hugging Face backend, or "
+            "use_past_kv_cache=True on a HookedTransformer), or edit inside a hook yourself"
+        )
+    return True
 
 
 # Hook points whose position axis is not axis 1: attention scores and patterns are

@@ -69,6 +69,24 @@ def test_primitive_page_snippets_run(page, tmp_path, monkeypatch):
         exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
 
 
+COMING_FROM = [
+    p
+    for p in sorted((DOCS / "coming-from").glob("*.md"))
+    if RUN_MARKER in p.read_text(encoding="utf-8")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", COMING_FROM, ids=lambda p: p.stem)
+def test_coming_from_page_snippets_run(page, tmp_path, monkeypatch):
+    """The migration pages' runnable snippets (on the embedded model) run as written."""
+    blocks = runnable_blocks(page.read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for line, code in blocks:
+        exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
+
+
 def test_every_primitive_has_a_page():
     stems = {p.stem for p in PRIMITIVES}
     wanted = {

@@ -211,7 +211,10 @@ class HFHookedModel(HookedModelBase):
         if batch is None:
             return self.model.generate(*args, **kwargs)
         # Interventions with positions edit the prompt's forward pass, not the decoding steps.
-        with running(batch, generating=self._base):
+        with (
+            running(batch, generating=True) as state,
+            self.hooks(fwd=[("hook_embed", state.count)]),
+        ):
             return self.model.generate(*args, **kwargs)
 
     # -- hooks -----------------------------------------------------------------

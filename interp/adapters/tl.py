@@ -131,6 +131,11 @@ class TLHookedModel(HookedModelBase):
         hp = self._points[name]
         direction = "bwd" if backward else "fwd"
         call = checked(fn, point)
+        if self._bridge and not backward and name.endswith("hook_resid_mid"):
+            # The bridge's resid_mid is an alias of the MLP norm's input hook: a replacement
+            # would reach the norm but not the residual stream (in-place edits reach both).
+            # Write replacements into the tensor so the residual stream changes too.
+            call = _write_through(call)
         hp.add_hook(lambda tensor, hook: call(tensor), dir=direction)
         handles = hp.fwd_hooks if direction == "fwd" else hp.bwd_hooks
         return [_Handle(hp, handles[-1], direction)]
@@ -165,7 +170,7 @@ class TLHookedModel(HookedModelBase):
         a bridge the KV cache is off unless ``use_past_kv_cache=True`` (see below).
         Hooks registered with ``hooks()`` apply at every step.
         """
-        from interp.positions import as_batch
+        from interp.positions import as_batch, running
 
         if isinstance(input, Tensor) and input.is_floating_point():
             return self.model.generate(input, *args, **kwargs)  # embeddings: TL's own path
@@ -181,6 +186,7 @@ class TLHookedModel(HookedModelBase):
             # bridge recomputes the prefix, as it should.
             kwargs.setdefault("use_past_kv_cache", False)
         kwargs.setdefault("return_type", "tokens")
+        cached = bool(kwargs.get("use_past_kv_cache", True))
         mask = batch.attention_mask
         if bool((mask == 0).any()):
             if bool((mask[:, -1] == 0).any()):
@@ -191,8 +197,24 @@ class TLHookedModel(HookedModelBase):
             kwargs.setdefault("padding_side", "left")
             if self._bridge:
                 kwargs.setdefault("attention_mask", mask)
-        return self.model.generate(batch.input_ids, *args, **kwargs)
+        # Interventions with positions edit the prompt's pass (see interp.positions.running).
+        with (
+            running(batch, generating=True, cached=cached) as state,
+            self.hooks(fwd=[("hook_embed", state.count)]),
+        ):
+            return self.model.generate(batch.input_ids, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _write_through(call):
+    def write(tensor: Tensor) -> Tensor | None:
+        new = call(tensor)
+        if new is not None and new is not tensor:
+            tensor.copy_(new)
+            return tensor
+        return new
+
+    return write
