@@ -397,6 +397,7 @@ def generate(
     stop: str | Sequence[str] | None = None,
     hooks: Sequence[Any] = (),
     hooks_on: str = "all",
+    logits_processors: Sequence[Any] | Callable[[list[int]], Sequence[Any]] | None = None,
     padding_side: str = "right",
     progress: bool = True,
     **generate_kwargs: Any,
@@ -424,6 +425,10 @@ def generate(
             or ``"generated"`` (decoding steps only: they edit the activations of generated
             tokens; the first new token is predicted by the prompt pass and is not
             affected). Interventions with named positions already edit the prompt pass only.
+        logits_processors: ``transformers`` logits processors applied at every step, before
+            sampling: a list, or a callable ``f(prompt_indices)`` returning one or a list,
+            called once per batch with the prompt index of each of its rows (for processors that keep
+            per-row state, e.g. forcing an answer format).
         padding_side: padding of ``Generations.batch`` (prompts are always left-padded
             for generation).
         progress: show a tqdm bar.
@@ -463,9 +468,13 @@ def generate(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-    for key in ("num_return_sequences", "logits_processor", "stopping_criteria"):
+    for key, use in (
+        ("num_return_sequences", "n="),
+        ("logits_processor", "logits_processors="),
+        ("stopping_criteria", "stop="),
+    ):
         if key in generate_kwargs:
-            raise TypeError(f"generate sets {key} itself; use n=, stop= (or model.generate)")
+            raise TypeError(f"runs.generate sets {key} itself; use {use}")
 
     tok = _tokenizer(model)
     prompt_rows = _rows(model, prompts, generation_prompt=True)
@@ -484,6 +493,11 @@ def generate(
             batch = batch.to(model.device)
             P = batch.input_ids.shape[1]
             processors, criteria = [], []
+            if isinstance(logits_processors, Sequence):
+                processors.extend(logits_processors)
+            elif logits_processors is not None:  # a factory: one batch's processors
+                made = logits_processors([jobs[j][0] for j in chunk])
+                processors.extend(made if isinstance(made, Sequence) else [made])
             if do_sample:
                 uniforms = torch.stack(
                     [

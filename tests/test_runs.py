@@ -195,6 +195,34 @@ def test_hooks_on_all_or_generated(llama):
     assert later.token_ids != base.token_ids
 
 
+def test_logits_processors_see_their_rows(llama):
+    """A per-batch processor factory gets each row's prompt index, in the batch's row order."""
+    seen = []
+
+    class Force:  # row r always emits the byte of "A" + its prompt index
+        def __init__(self, prompts):
+            seen.append(list(prompts))
+            self.tokens = torch.tensor(
+                [llama.tokenizer.convert_tokens_to_ids(chr(65 + p)) for p in prompts]
+            )
+
+        def __call__(self, input_ids, scores):
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter(-1, self.tokens[:, None].to(scores.device), 0.0)
+
+    out = runs.generate(
+        llama,
+        TEXTS,
+        max_new_tokens=3,
+        batch_size=3,
+        do_sample=True,
+        logits_processors=Force,
+        progress=False,
+    )
+    assert sorted(p for batch in seen for p in batch) == [0, 1, 2, 3] and len(seen) == 2
+    assert out.texts == ["AAA", "BBB", "CCC", "DDD"]
+
+
 def test_generate_refuses_bad_input(llama):
     with pytest.raises(ValueError, match="empty input"):
         runs.generate(llama, [], max_new_tokens=3, progress=False)
