@@ -54,6 +54,12 @@ def capture(
         of ints or ``n`` per-row positions, ``[n_selected, d]`` for a mask (patterns and
         scores keep their head axis in front of the query axis).
     """
+    if forward_kwargs.get("return_type", "logits") != "logits":
+        raise TypeError(
+            "capture returns the logits (return_logits=True) and the cache; return_type="
+            f"{forward_kwargs['return_type']!r} would replace the logits. Compute a loss from "
+            "the returned logits, or use model.run_with_cache(..., return_type=...)"
+        )
     batch = as_batch(model, batch)
     resolved = model.resolve(names)
     sel = selector(positions, batch, device=model.device)

@@ -60,6 +60,12 @@ def capture_grads(
     ``loss_fn`` returns a scalar, or ``[batch]`` per-example losses (summed for the
     backward pass, returned as they are). ``positions`` as in ``capture``.
     """
+    refused = sorted(set(forward_kwargs) & {"return_type", "stop_at_layer", "loss_per_token"})
+    if refused:
+        raise TypeError(
+            f"capture_grads does not take {refused}: loss_fn receives the logits of the full "
+            "forward pass and computes the loss itself"
+        )
     batch = as_batch(model, batch)
     resolved = model.resolve(names)
     if "hook_embed" not in model.hook_names:

@@ -325,3 +325,17 @@ def test_empty_input_is_refused_before_the_model_runs(model, bad):
         with pytest.raises(ValueError, match=r"empty|no tokens"):
             model(bad)
     assert not calls
+
+
+def test_capture_refuses_forward_arguments_that_would_replace_what_it_returns(model, batches):
+    batch = batches["right"]
+    with pytest.raises(TypeError, match="return_type"):
+        interp.capture(model, batch, RESID, return_type="loss", return_logits=True)
+    with pytest.raises(TypeError, match="stop_at_layer"):
+        interp.capture_grads(model, batch, lambda lg, b: lg.sum(), RESID, stop_at_layer=1)
+    # stop_at_layer is fine in capture: the names before the stop are kept, later ones raise.
+    early = interp.capture(model, batch, "blocks.0.hook_resid_post", stop_at_layer=1)
+    full = interp.capture(model, batch, "blocks.0.hook_resid_post")
+    assert torch.equal(early["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"])
+    with pytest.raises(RuntimeError, match="never fired"):
+        interp.capture(model, batch, "blocks.2.hook_resid_post", stop_at_layer=1)
