@@ -50,6 +50,7 @@ HookFn = Callable[..., Tensor | None]
 HookSpec = tuple[str, HookFn]
 
 _LAYER_RE = re.compile(r"blocks\.(\d+)\.")
+_PATH_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
 class HookNameError(KeyError):
@@ -71,7 +72,9 @@ class HookPoint:
     ctx: dict[str, Any] = field(default_factory=dict)
 
     def layer(self) -> int:
-        m = _LAYER_RE.match(self.name)
+        """The block index: ``blocks.{l}.…``, or the layer list index of a module path
+        (``model.layers.{l}.…``, ``transformer.h.{l}.…``, ``gpt_neox.layers.{l}.…``)."""
+        m = _LAYER_RE.match(self.name) or _PATH_LAYER_RE.search(self.name)
         if m is None:
             raise ValueError(f"hook {self.name!r} is not inside a block")
         return int(m.group(1))

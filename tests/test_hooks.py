@@ -196,3 +196,18 @@ def test_hook_specs_must_be_pairs(llama):
     with pytest.raises(TypeError, match=r"\(name, fn\)"):
         with llama.hooks(fwd=["blocks.0.hook_resid_post"]):
             pass
+
+
+def test_hook_point_layer_reads_canonical_names_and_module_paths():
+    from interp.hooks import HookPoint
+
+    assert HookPoint("blocks.3.attn.hook_z").layer() == 3
+    assert HookPoint("model.layers.12.mlp.down_proj.hook_in").layer() == 12
+    assert HookPoint("transformer.h.2.attn.hook_out").layer() == 2
+    with pytest.raises(ValueError, match="not inside a block"):
+        HookPoint("model.norm.hook_out").layer()
+    seen = []
+    model = interp.tiny("llama")
+    with model.hooks(fwd=[("model.layers.1.mlp.hook_out", lambda t, h: seen.append(h.layer()))]):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    assert seen == [1]
