@@ -19,6 +19,7 @@ _SUBMODULES = {
     "alignment",
     "cache",
     "chat",
+    "data",
     "directions",
     "families",
     "gradients",

@@ -10,7 +10,7 @@ pretrained* MoE to study offline: ``interp.load("smollm2-135m-moe")`` is the
 embedded SmolLM2-135M-Instruct with every MLP split this way. Per layer:
 
 1. **Calibration.** MLP inputs ``x`` of the dense model on calibration text
-   (``interp/data/moefy_calibration.jsonl``: hand-written paragraphs plus the
+   (``interp/_data/moefy_calibration.jsonl``: hand-written paragraphs plus the
    model's own chat answers to prompts, sampled with a fixed seed); hidden
    units ``h = act(x W_gate) ⊙ (x W_up)``. Every fourth item is held out.
 2. **Shared group** (DeepSeekMoE's always-on shared expert; Dai et al. 2024,
@@ -109,7 +109,7 @@ NAME = "smollm2-135m-moe"
 SOURCE = "smollm2-135m-instruct"
 AGREEMENT_KS: tuple[int, ...] = (1, 2, 4, 6)
 FORMAT_VERSION = 1
-_DATA = Path(__file__).parent / "data" / "moefy_calibration.jsonl"
+_DATA = Path(__file__).parent / "_data" / "moefy_calibration.jsonl"
 RouterKind = Literal["norm", "linear"]
 
 
