@@ -642,7 +642,7 @@ def score(
     *,
     reduction: str = "mean",
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Scores:
     """Log-probabilities of each token given its prefix, and per-example NLL over a mask.
 
