@@ -427,8 +427,8 @@ def generate(
             affected). Interventions with named positions already edit the prompt pass only.
         logits_processors: ``transformers`` logits processors applied at every step, before
             sampling: a list, or a callable ``f(prompt_indices)`` returning one or a list,
-            called once per batch with the prompt index of each of its rows (for processors that keep
-            per-row state, e.g. forcing an answer format).
+            called once per batch with the prompt index of each of its rows (for
+            processors that keep per-row state, e.g. forcing an answer format).
         padding_side: padding of ``Generations.batch`` (prompts are always left-padded
             for generation).
         progress: show a tqdm bar.
@@ -461,6 +461,11 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature!r} (use do_sample=False)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not do_sample and (temperature != 1.0 or top_p != 1.0):
+        raise ValueError(
+            f"temperature={temperature} / top_p={top_p} apply to sampling: pass do_sample=True "
+            "(greedy decoding ignores them)"
+        )
     if hooks_on not in ("all", "generated"):
         raise ValueError(f"hooks_on must be 'all' or 'generated', got {hooks_on!r}")
     if padding_side not in ("left", "right"):

@@ -228,6 +228,8 @@ def test_generate_refuses_bad_input(llama):
         runs.generate(llama, [], max_new_tokens=3, progress=False)
     with pytest.raises(ValueError, match="do_sample"):
         runs.generate(llama, TEXTS, max_new_tokens=3, n=2, progress=False)
+    with pytest.raises(ValueError, match="do_sample=True"):
+        runs.generate(llama, TEXTS, max_new_tokens=3, temperature=0.7, progress=False)
     with pytest.raises(ValueError, match="max_new_tokens"):
         runs.generate(llama, TEXTS, max_new_tokens=0, progress=False)
     with pytest.raises(ValueError, match="assistant"):
