@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from interp.hooks import HookedModelBase, HookFn, HookPoint, ModelConfig, checked
+from interp.lens import LensMixin
 
 __all__ = ["FAMILY_LAYOUTS", "HFHookedModel", "Layout"]
 
@@ -131,7 +132,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-class HFHookedModel(HookedModelBase):
+class HFHookedModel(LensMixin, HookedModelBase):
     """A ``HookedModel`` over any ``transformers`` causal LM (dense, MoE, PEFT-wrapped)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
@@ -310,6 +311,36 @@ class HFHookedModel(HookedModelBase):
             router.register_forward_hook(post),
         ]
 
+    # -- unembedding and heads (interp.lens) -------------------------------------------------
+    def _unembed_spec(self):
+        from interp.lens import UnembedSpec, affine_weights
+
+        W_U, b_U = affine_weights(self._base.get_output_embeddings(), self.cfg.d_model)
+        config = self._base.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cap = getattr(config, "final_logit_softcapping", None)
+        norm = norm_spec(_get(self._base, self.layout.final_norm))
+        return UnembedSpec(norm, W_U, b_U, float(cap) if cap else None)
+
+    def _head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        from interp.adapters.hf_attention import attention_module
+        from interp.lens import affine_weights
+
+        attn = attention_module(self._layers[layer])
+        for attr in ("o_proj", "c_proj", "dense", "out_proj"):  # llama …, GPT-2, GPT-NeoX
+            proj = getattr(attn, attr, None)
+            if isinstance(proj, nn.Module):
+                W, b = affine_weights(proj)
+                return W.unflatten(0, (self.cfg.n_heads, -1)), b
+        raise ValueError(f"block {layer}: no attention output projection found in {type(attn)}")
+
+    def _attn_post_norm(self, layer: int):
+        module = hf_parts._layer_norms(self, layer).get("ln1_post")
+        return None if module is None else norm_spec(module)
+
+    def _has_pos_embed(self) -> bool:
+        return _has_path(self._base, "transformer.wpe")  # GPT-2's learned positions
+
     @property
     def routing_rule(self):
         """The family's expert-selection rule (``interp.routing.RoutingRule``)."""
@@ -318,6 +349,22 @@ class HFHookedModel(HookedModelBase):
 
             self._routing_rule = RoutingRule.from_config(self._base.config)
         return self._routing_rule
+
+
+def norm_spec(module: nn.Module):
+    """``interp.lens.NormSpec`` of a norm module (LayerNorm, RMSNorm, Gemma's ``1 + w``)."""
+    from interp.adapters.hf_parts import _eps, _norm_kind
+    from interp.lens import NormSpec
+
+    kind = _norm_kind(module)
+    if kind is None:
+        raise ValueError(f"{type(module).__name__} is not a norm interp knows (LayerNorm, RMSNorm)")
+    weight = getattr(module, "weight", None)
+    if kind == "rms_offset":
+        return NormSpec("rms", _eps(module), 1.0 + weight.float())
+    if kind == "rms":
+        return NormSpec("rms", _eps(module), weight)
+    return NormSpec("layer", _eps(module), weight, module.bias)
 
 
 def _output_hook(module: nn.Module, call, backward: bool):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from interp.hooks import HookedModelBase, HookFn, HookPoint, ModelConfig, checked
+from interp.lens import LensMixin, NormSpec
 
 __all__ = ["TLHookedModel", "is_transformer_lens", "transformer_lens_classes"]
 
@@ -95,7 +96,7 @@ class _Handle:
         self.handle.hook.remove()
 
 
-class TLHookedModel(HookedModelBase):
+class TLHookedModel(LensMixin, HookedModelBase):
     """A ``HookedModel`` over a ``HookedTransformer`` or a ``TransformerBridge``."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
@@ -207,6 +208,42 @@ class TLHookedModel(HookedModelBase):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    # -- unembedding and heads (interp.lens) -------------------------------------------------
+    def _norm_spec(self, module: Any) -> NormSpec:
+        if self._bridge:  # the bridge wraps the Hugging Face norm module
+            from interp.adapters.hf import norm_spec
+
+            return norm_spec(module.original_component)
+        c = self.model.cfg
+        kind = {"LN": "layer", "LNPre": "layer", "RMS": "rms", "RMSPre": "rms"}
+        w, b = getattr(module, "w", None), getattr(module, "b", None)
+        return NormSpec(kind.get(c.normalization_type, "none"), float(c.eps), w, b)
+
+    def _unembed_spec(self):
+        from interp.lens import UnembedSpec
+
+        m = self.model
+        ln = getattr(m, "ln_final", None)
+        norm = NormSpec("none") if ln is None else self._norm_spec(ln)
+        if self._bridge:
+            config = getattr(getattr(m, "original_model", None), "config", None)
+            cap = getattr(config, "final_logit_softcapping", None)
+        else:
+            cap = m.cfg.output_logits_soft_cap if m.cfg.output_logits_soft_cap > 0 else None
+        b_U = getattr(m, "b_U", None)
+        return UnembedSpec(norm, m.W_U, b_U, float(cap) if cap else None)
+
+    def _head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        attn = self.model.blocks[layer].attn
+        return attn.W_O, getattr(attn, "b_O", None)
+
+    def _attn_post_norm(self, layer: int) -> NormSpec | None:
+        ln = getattr(self.model.blocks[layer], "ln1_post", None)
+        return None if ln is None else self._norm_spec(ln)
+
+    def _has_pos_embed(self) -> bool:
+        return getattr(self.model.cfg, "positional_embedding_type", None) == "standard"
 
 
 def _write_through(call):
