@@ -339,3 +339,16 @@ def test_capture_refuses_forward_arguments_that_would_replace_what_it_returns(mo
     assert torch.equal(early["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"])
     with pytest.raises(RuntimeError, match="never fired"):
         interp.capture(model, batch, "blocks.2.hook_resid_post", stop_at_layer=1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gemma2", "qwen2_moe"])
+def test_left_padded_batches_equal_each_row_alone(family):
+    # Silent before on absolute position embeddings (GPT-2): left padding shifted them.
+    model = interp.tiny(family)
+    texts = ["hi", "a longer prompt here", "mid length"]
+    batch = model.tokenize(texts, padding_side="left")
+    logits = model(batch)
+    for row, text in enumerate(texts):
+        alone = model(text)
+        n = alone.shape[1]
+        torch.testing.assert_close(logits[row, -n:], alone[0], atol=1e-4, rtol=1e-4)

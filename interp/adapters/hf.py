@@ -181,6 +181,16 @@ class HFHookedModel(LensMixin, HookedModelBase):
     # -- running ---------------------------------------------------------------
     def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, **kw: Any) -> Tensor:
         kw.setdefault("use_cache", False)
+        if (
+            attention_mask is not None
+            and "position_ids" not in kw
+            and "position_ids" in self._backend_kwargs()
+            and bool((attention_mask[:, 0] == 0).any())
+        ):
+            # Left padding: count positions from each row's first real token, as
+            # `generate` does. transformers' forward counts from column 0, which shifts
+            # absolute position embeddings (GPT-2: logits off by up to 0.7 on a tiny model).
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
     def _backend_kwargs(self) -> tuple[str, ...]:
