@@ -27,6 +27,7 @@ _SUBMODULES = {
     "interventions",
     "losses",
     "models",
+    "patching",
     "moe",
     "positions",
     "probes",
