@@ -31,6 +31,7 @@ SUITES = [
     "memory",
     "scaling",
     "sae_throughput",
+    "patching",
 ]
 QUICK = {"sae_throughput": ["--steps", "5", "--warmup", "1"]}
 
@@ -152,6 +153,17 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
         for lib in ("interp", "sae_lens"):
             if lib in d and "fvu_held_out" in d[lib]:
                 add("sae_throughput", size, f"held-out FVU, {lib}", f"{d[lib]['fvu_held_out']:.3f}", load=load)  # fmt: skip
+    if d := read("patching"):
+        load, size, tgt = _load(d.get("machine")), d.get("size", ""), d.get("target", {})
+        r = d.get("timing", {}).get("interp activation patching")
+        if r and tgt:
+            t = tgt.get("interp_vs_transformer_lens_max_ratio")
+            what = "interp activation patching / TransformerLens get_act_patch_resid_pre"
+            add("patching", size, what, _ci(r), f"≤ {t}×", tgt.get("verdict", ""), load)
+        if r := d.get("attribution_vs_activation"):
+            add("patching", size, "attribution / activation patching (interp)", _ci(r), load=load)
+        for what, rho in d.get("spearman", {}).items():
+            add("patching", size, f"Spearman {what}", f"{rho:.3f}", load=load)
     return rows
 
 

@@ -115,3 +115,21 @@ def test_existing_suites_take_model_and_quick(tmp_path, name):
         args += ["--batch", "1", "--tokens", "8", "--rounds", "1"]
     suite(name).main(args)
     check_json(out, name)
+
+
+def test_patching_suite(tmp_path, one_thread):
+    out = tmp_path / "patching.json"
+    args = ["--model", "tiny:llama", "--quick", "--tokens", "12", "--rounds", "1"]
+    suite("patching").main([*args, "--out", str(out)])
+    payload = check_json(out, "patching")
+    assert payload["n_sites"] == {"layers_x_positions": 36, "layers_x_heads": 12}
+    assert payload["max_abs_diff_vs_transformer_lens"] <= 1e-5
+    assert set(payload["timing"]) == {
+        "interp activation patching",
+        "interp attribution patching",
+        "TransformerLens get_act_patch_resid_pre (Bridge)",
+    }
+    assert all(-1 <= rho <= 1 for rho in payload["spearman"].values())
+    assert isinstance(payload["target"]["met"], bool)
+    rows = suite("run_all").summary_rows(tmp_path)
+    assert any(r[0] == "patching" and "Spearman" in r[2] for r in rows)
