@@ -34,6 +34,8 @@ def _perturb_norms(module: torch.nn.Module, seed: int = 1) -> None:
 def _tiny(family: str, **kw):
     model, tok = tiny_hf(family, **kw)
     _perturb_norms(model)
+    with torch.no_grad():  # logits of a trained model's size (|logit| ~ 10), not ~0.5
+        model.get_output_embeddings().weight.mul_(20.0)
     return interp.load(model, tokenizer=tok)
 
 
@@ -323,3 +325,43 @@ def test_bad_input_raises_clearly():
         lens.accumulated_resid(model.run_with_cache(IDS)[1], apply_ln=True)
     with pytest.raises(KeyError, match="the cache lacks"):
         lens.decompose_resid(interp.capture(model, IDS, "blocks.*.hook_resid_pre"), model=model)
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+def test_hf_gpt2_agrees_with_a_hooked_transformer_on_the_same_weights():
+    module = pytest.importorskip(
+        "transformer_lens.HookedTransformer", reason="TransformerLens 4 removed HookedTransformer"
+    )
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    hf, tok = tiny_hf("gpt2")
+    _perturb_norms(hf)
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_ctx=c.n_positions,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner,
+        d_vocab=c.vocab_size,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+    )
+    ht = module.HookedTransformer(cfg)
+    ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)  # b_U stays zero
+    logits, cache = ht.run_with_cache(IDS)
+    ours = interp.load(hf, tokenizer=tok)
+    assert (ours(IDS) - logits).abs().max().item() <= 1e-5
+    for layer in (None, 1):
+        for apply_ln in (False, True):
+            ref = cache.decompose_resid(layer=layer, apply_ln=apply_ln)
+            got = lens.decompose_resid(ours, IDS, layer=layer, apply_ln=apply_ln).resid
+            assert (got - ref).abs().max().item() <= 1e-4
+            ref = cache.accumulated_resid(layer=layer, apply_ln=apply_ln)
+            got = lens.accumulated_resid(ours, IDS, layer=layer, apply_ln=apply_ln).resid
+            assert (got - ref).abs().max().item() <= 1e-4
+    heads = lens.head_results(ours, IDS).results.flatten(0, 1)
+    assert (heads - cache.stack_head_results()).abs().max().item() <= 1e-4
