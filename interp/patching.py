@@ -711,7 +711,18 @@ def _qk_fix(model, sweep, runs, base, source, src_cache, base_acts, grads, est) 
 def _qk_site(model, layer, site, base_acts, grads, src_cache) -> Tensor:
     pre = f"blocks.{layer}.attn."
     rot = "hook_rot_" if f"{pre}hook_rot_q" in base_acts else "hook_"
+    if (
+        rot == "hook_rot_"
+        and base_acts[pre + "hook_rot_q"].shape != base_acts[pre + "hook_q"].shape
+    ):
+        rot = "hook_"  # DeepSeek MLA: rot_q is only the rotary part; hook_q is what meets k
     q_base, k_base = base_acts[pre + rot + "q"], base_acts[pre + rot + "k"]  # [b, pos, h, d]
+    if site.name.endswith(("attn.hook_q", "attn.hook_k")) and _cross_head_qk_norm(model, layer):
+        raise PatchingError(
+            f"qk_fix on {site.label}: this family normalises queries / keys across all heads "
+            "(OLMoE / OLMo-2 q_norm, k_norm), so patching one head's hook_q / hook_k changes "
+            "the others' too; use attn.hook_rot_q / attn.hook_rot_k sites (after the norm)"
+        )
     q_src, k_src = src_cache[pre + rot + "q"], src_cache[pre + rot + "k"]
     scores = base_acts[pre + "hook_attn_scores"]  # [b, h, q, k], masked entries -inf
     pattern = base_acts[pre + "hook_pattern"]
@@ -764,6 +775,18 @@ def _qk_site(model, layer, site, base_acts, grads, src_cache) -> Tensor:
     k_new[:, s, list(kv_heads)] = k_src[:, s, list(kv_heads)]
     new = torch.softmax(logits(q_base, k_new), dim=-1)
     return ((new - A) * G)[:, q_heads].flatten(1).sum(1).to(g_pattern.dtype)
+
+
+def _cross_head_qk_norm(model: Any, layer: int) -> bool:
+    from interp.adapters.hf_attention import attention_module
+
+    attn = attention_module(model._layers[layer])
+    head_dim = getattr(attn, "head_dim", None)
+    for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+        weight = getattr(norm, "weight", None)
+        if weight is not None and head_dim and weight.numel() != head_dim:
+            return True
+    return False
 
 
 def _attention_scale(model: Any, layer: int) -> tuple[float, float | None]:

@@ -387,3 +387,40 @@ def test_graddrop_matches_detached_branches(llama):
         llama, clean, corrupted, metric, P.layers_x_heads(layers=[2]), graddrop=True
     )
     torch.testing.assert_close(zd.effect, z.effect, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3", "olmoe"])
+def test_qk_fix_across_families(family):
+    """Soft-capped scores (Gemma-2), per-head q/k norms (Qwen3), cross-head q/k norms
+    (OLMoE: only sites after the norm are per head, hook_q sites raise)."""
+    model = interp.tiny(family, seed=0)
+    clean, corrupted = pair(seed=9)
+    pat = "blocks.1.attn.hook_pattern"
+    g = interp.capture_grads(model, corrupted, metric, pat, return_activations=True)
+    sites = [
+        P.Site("blocks.1.attn.hook_rot_q", position=4, head=1),
+        P.Site("blocks.1.attn.hook_rot_k", position=2, head=0),
+    ]
+    fixed = P.attribution_patching(model, clean, corrupted, metric, sites, qk_fix=True)
+    src = interp.capture(model, clean, [s.name for s in sites])
+    for i, site in enumerate(sites):
+
+        def patch(act, hook, site=site, v=src[site.name]):
+            act = act.clone()
+            act[:, site.position, site.head] = v[:, site.position, site.head]
+            return act
+
+        with model.hooks(fwd=[(site.name, patch)]):
+            new = interp.capture(model, corrupted, pat)[pat]
+        want = ((new - g.activations[pat]) * g.grads[pat]).flatten(1).sum(1).mean()
+        torch.testing.assert_close(fixed.effect[i], want, atol=1e-6, rtol=1e-4)
+    if family == "olmoe":
+        with pytest.raises(P.PatchingError, match="across all heads"):
+            P.attribution_patching(
+                model,
+                clean,
+                corrupted,
+                metric,
+                [P.Site("blocks.1.attn.hook_q", head=0)],
+                qk_fix=True,
+            )
