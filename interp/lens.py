@@ -638,7 +638,18 @@ def _head_results(model: Any, zs: Sequence[Tensor]) -> HeadResults:
     )
 
 
-def _answer_ids(tokens: Any, rows: int, device: torch.device, what: str) -> Tensor:
+def _answer_ids(
+    tokens: Any, rows: int, device: torch.device, what: str, tokenizer: Any = None
+) -> Tensor:
+    if isinstance(tokens, str) or (
+        isinstance(tokens, list | tuple) and tokens and all(isinstance(t, str) for t in tokens)
+    ):
+        tokens = [
+            _one_token(tokenizer, t, what)
+            for t in ([tokens] if isinstance(tokens, str) else tokens)
+        ]
+        if len(tokens) == 1:
+            tokens = tokens[0]
     t = torch.as_tensor(tokens, device=device)
     if t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"{what} must be token ids (ints), got a {t.dtype} tensor")
@@ -649,6 +660,18 @@ def _answer_ids(tokens: Any, rows: int, device: torch.device, what: str) -> Tens
             f"{what} must be one token id or one per row ({rows}), got shape {tuple(t.shape)}"
         )
     return t.long()
+
+
+def _one_token(tokenizer: Any, text: str, what: str) -> int:
+    if tokenizer is None:
+        raise ValueError(f"{what}: text needs the model's tokenizer; pass token ids")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"{what}: {text!r} is {len(ids)} tokens ({ids}); an answer is one token (mind the "
+            "leading space, e.g. ' Paris')"
+        )
+    return int(ids[0])
 
 
 def dla(
@@ -669,7 +692,8 @@ def dla(
     Args:
         model: a ``HookedModel``.
         batch: text(s), ids, a dict or a ``Batch``.
-        answer_tokens: one token id, or one per row (``[batch]``).
+        answer_tokens: one token id, or one per row (``[batch]``); or text (a string, or
+            one per row), each exactly one token of the model's tokenizer (``" Paris"``).
         wrong_tokens: the same for the subtracted logit; ``None`` attributes the answer's
             logit itself.
         positions: one position per row: an int (default ``-1``), a named position or a
@@ -697,13 +721,14 @@ def dla(
     final = got[_stream_name(n, n)]
     spec = _spec(model)
     rows = final.shape[0]
-    answer = _answer_ids(answer_tokens, rows, final.device, "answer_tokens")
+    tok = getattr(model, "tokenizer", None)
+    answer = _answer_ids(answer_tokens, rows, final.device, "answer_tokens", tok)
     W_U = spec.W_U.float()
     direction = W_U[:, answer].T  # [batch, d_model]
     const = logit_bias(spec)
     const_diff = const[answer]
     if wrong_tokens is not None:
-        wrong = _answer_ids(wrong_tokens, rows, final.device, "wrong_tokens")
+        wrong = _answer_ids(wrong_tokens, rows, final.device, "wrong_tokens", tok)
         direction = direction - W_U[:, wrong].T
         const_diff = const_diff - const[wrong]
     if spec.norm.weight is not None:

@@ -317,6 +317,12 @@ def test_bad_input_raises_clearly():
         lens.dla(model, IDS, 5, 9, positions=[0, 1])
     with pytest.raises(PositionError, match="out of range"):
         lens.dla(model, IDS, 5, 9, positions=40)
+    by_text = lens.dla(model, IDS, "a", ["b", "c"])
+    ids = [model.tokenizer.encode(t, add_special_tokens=False)[0] for t in "abc"]
+    by_ids = lens.dla(model, IDS, ids[0], ids[1:])
+    torch.testing.assert_close(by_text.components, by_ids.components)
+    with pytest.raises(ValueError, match="is 2 tokens"):
+        lens.dla(model, IDS, "ab", "c")
     with pytest.raises(ValueError, match="one token id or one per row"):
         lens.dla(model, IDS, torch.tensor([1, 2, 3]), 9)
     with pytest.raises(ValueError, match="residual-stream index"):
