@@ -191,11 +191,16 @@ def test_agrees_with_transformer_lens_on_a_hooked_transformer():
     )
 
 
-def test_transformer_bridge():
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_transformer_bridge(family):
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf, tok = tiny_hf("llama")
+    hf, tok = tiny_hf(family)
+    if family == "gpt2":  # the bridge reads the shared tiny config's KV-head count; GPT-2 has none
+        del hf.config.num_key_value_heads
     _perturb_norms(hf)
+    with torch.no_grad():
+        hf.get_output_embeddings().weight.mul_(20.0)
     bridge = TransformerBridge.boot_transformers(
         "interp-test", hf_model=copy.deepcopy(hf), tokenizer=tok
     )
