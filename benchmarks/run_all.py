@@ -31,6 +31,7 @@ SUITES = [
     "memory",
     "scaling",
     "sae_throughput",
+    "workbench",
     "patching",
 ]
 QUICK = {"sae_throughput": ["--steps", "5", "--warmup", "1"]}
@@ -153,6 +154,18 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
         for lib in ("interp", "sae_lens"):
             if lib in d and "fvu_held_out" in d[lib]:
                 add("sae_throughput", size, f"held-out FVU, {lib}", f"{d[lib]['fvu_held_out']:.3f}", load=load)  # fmt: skip
+    if d := read("workbench"):
+        load, t = _load(d.get("machine")), d.get("target", {}).get("generate_max_time_ratio")
+        for group in ("generate", "capture", "score"):
+            g = d.get(group) or {}
+            size = f"{g.get('texts')} texts, batch {g.get('batch_size')}"
+            if group == "generate":
+                size = f"{g.get('prompts')}×{g.get('new_tokens')} new tokens, batch {g.get('batch_size')}"  # fmt: skip
+            for what, r in g.get("pairs", {}).items():
+                if group == "generate" and t:
+                    add("workbench", size, f"{what} (time)", _ci(r), f"≤ {t}×", harness.judge(r, t), load)  # fmt: skip
+                else:
+                    add("workbench", size, f"{what} (time)", _ci(r), load=load)
     if d := read("patching"):
         load, size, tgt = _load(d.get("machine")), d.get("size", ""), d.get("target", {})
         r = d.get("timing", {}).get("interp activation patching")

@@ -133,3 +133,29 @@ def test_patching_suite(tmp_path, one_thread):
     assert isinstance(payload["target"]["met"], bool)
     rows = suite("run_all").summary_rows(tmp_path)
     assert any(r[0] == "patching" and "Spearman" in r[2] for r in rows)
+
+
+def test_workbench(tmp_path, one_thread):
+    out = tmp_path / "workbench.json"
+    args = ["--model", "tiny:llama", "--quick", "--rounds", "1", "--out", str(out)]
+    args += ["--prompts", "3", "--texts", "3", "--batch-size", "2", "--new-tokens", "2"]
+    suite("workbench").main([*args, "--context", "16"])
+    payload = check_json(out, "workbench")
+    gen = payload["generate"]
+    assert gen["check"]["new_tokens_per_row"] == [2]
+    assert gen["check"]["same_tokens"] and gen["check"]["same_tokens_steered"]
+    assert set(gen["pairs"]) == {
+        "runs.generate / plain loop",
+        "runs.generate / plain loop, steered",
+    }
+    assert all(r["verdict"] for r in gen["pairs"].values())
+    cap = payload["capture"]["check"]
+    assert cap["rows_equal"] and cap["max_abs_diff"] <= 1e-5
+    assert payload["capture"]["check"]["saelens"]["ran"], payload["capture"]["check"]["saelens"]
+    assert payload["score"]["check"]["max_abs_diff_nll_vs_naive"] <= 1e-4
+    for group in ("generate", "capture", "score"):
+        for r in payload[group]["results"].values():
+            check_timing(r, 1)
+            assert r["tokens"] > 0
+    rows = suite("run_all").summary_rows(tmp_path)
+    assert any(r[0] == "workbench" and r[4] for r in rows)
