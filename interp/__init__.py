@@ -25,6 +25,7 @@ _SUBMODULES = {
     "gradients",
     "hooks",
     "interventions",
+    "judges",
     "lens",
     "losses",
     "models",

@@ -13,11 +13,22 @@ maps spans to tokens through the tokenizer's offsets. Named positions
 and named masks: ``assistant`` (the last assistant message's content tokens)
 and ``user`` (the last user message's content tokens). Positions are correct
 under left and right padding.
+
+Template keyword arguments (``enable_thinking=False`` for Qwen3-style templates,
+``tools=...``) go to ``apply_chat_template``. Templates that render a message
+differently depending on what follows it (Qwen3 inserts an empty
+``<think>\n\n</think>\n\n`` before the *last* assistant turn and drops it from earlier
+ones) keep their positions: each content span is located in the full rendering.
+Tokenizers without a chat template (base models) raise unless the caller asks for a
+plain format (``chat_format="plain"`` or ``"auto"``, or a ``PlainFormat``):
+``"User: …\nAssistant: …"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,19 +37,115 @@ from torch import Tensor
 
 from interp.positions import Batch
 
-__all__ = ["char_span_to_tokens", "encode", "render"]
+__all__ = ["PlainFormat", "char_span_to_tokens", "encode", "render"]
 
 Message = Mapping[str, str]
 
+# apply_chat_template's own arguments that encode/render set themselves.
+_RESERVED = frozenset(
+    {
+        "conversation",
+        "tokenize",
+        "add_generation_prompt",
+        "return_dict",
+        "return_tensors",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_assistant_tokens_mask",
+    }
+)
 
-def render(tokenizer: Any, conversation: Sequence[Message], add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
+
+@dataclass(frozen=True)
+class PlainFormat:
+    """A plain prompt format for tokenizers without a chat template (base models).
+
+    Each message is one ``"{Label}: {content}"`` line, joined by ``separator``; the
+    generation prompt is a final ``"{assistant}:"`` (no trailing space: the model's first
+    token carries it). ``[user "Hi", assistant "Hello"]`` renders as
+    ``"User: Hi\nAssistant: Hello"``, ``[user "Hi"]`` with the generation prompt as
+    ``"User: Hi\nAssistant:"``. Roles other than system / user / assistant are
+    capitalized (``"tool"`` -> ``"Tool"``). Text is tokenized with the tokenizer's special
+    tokens (a BOS token where the tokenizer adds one).
+    """
+
+    system: str = "System"
+    user: str = "User"
+    assistant: str = "Assistant"
+    separator: str = "\n"
+
+    def render(self, conversation: Sequence[Message], add_generation_prompt: bool) -> str:
+        labels = {"system": self.system, "user": self.user, "assistant": self.assistant}
+        lines = [
+            f"{labels.get(m['role'], str(m['role']).capitalize())}: {m['content']}"
+            for m in conversation
+        ]
+        if add_generation_prompt:
+            lines.append(f"{self.assistant}:")
+        return self.separator.join(lines)
+
+
+def _plain_format(tokenizer: Any, chat_format: Any) -> PlainFormat | None:
+    """The plain format to use, or None for the tokenizer's chat template."""
+    if isinstance(chat_format, PlainFormat):
+        return chat_format
+    if chat_format == "plain":
+        return PlainFormat()
+    if chat_format == "auto":
+        return None if getattr(tokenizer, "chat_template", None) else PlainFormat()
+    if chat_format == "template":
+        return None
+    raise ValueError(
+        f"chat_format must be 'template', 'plain', 'auto' or a PlainFormat, got {chat_format!r}"
+    )
+
+
+def render(
+    tokenizer: Any,
+    conversation: Sequence[Message],
+    add_generation_prompt: bool,
+    *,
+    chat_format: str | PlainFormat = "template",
+    **template_kwargs: Any,
+) -> str:
+    """The text of ``conversation`` as the model reads it.
+
+    Args:
+        add_generation_prompt: end with the assistant's turn header (what the model
+            continues from).
+        chat_format: ``"template"`` (the tokenizer's chat template; a tokenizer without one
+            raises), ``"plain"`` (``PlainFormat()`` whatever the tokenizer has), ``"auto"``
+            (the chat template when the tokenizer has one, else ``PlainFormat()``) or a
+            ``PlainFormat``.
+        template_kwargs: passed to ``tokenizer.apply_chat_template`` and so to the template
+            (``enable_thinking=False`` for Qwen3-style templates, ``tools=...``). A plain
+            format asked for explicitly refuses them; ``"auto"`` ignores them when it falls
+            back to the plain format.
+    """
+    reserved = sorted(_RESERVED & set(template_kwargs))
+    if reserved:
+        raise TypeError(f"render/encode set {reserved} themselves; drop them")
+    plain = _plain_format(tokenizer, chat_format)
+    if plain is not None:
+        if template_kwargs and chat_format != "auto":
+            raise TypeError(
+                f"template keyword arguments {sorted(template_kwargs)} have no effect on a "
+                "plain format"
+            )
+        return plain.render(conversation, add_generation_prompt)
+    if not getattr(tokenizer, "chat_template", None) and "chat_template" not in template_kwargs:
         raise ValueError(
             f"tokenizer {type(tokenizer).__name__} has no chat template; set "
-            "tokenizer.chat_template to a Jinja template or use an instruct/chat model's tokenizer"
+            "tokenizer.chat_template to a Jinja template, use an instruct/chat model's "
+            "tokenizer, or pass chat_format='plain' (or 'auto') for a plain "
+            "'User: ...\\nAssistant:' format"
         )
     return tokenizer.apply_chat_template(
-        list(conversation), tokenize=False, add_generation_prompt=add_generation_prompt
+        list(conversation),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **template_kwargs,
     )
 
 
@@ -52,23 +159,34 @@ def char_span_to_tokens(offsets: Int[Tensor, "pos 2"], start: int, end: int) -> 
 
 
 def _content_spans(
-    tokenizer: Any, text: str, conversation: Sequence[Message]
+    render_prefix: Callable[[Sequence[Message]], str], text: str, conversation: Sequence[Message]
 ) -> list[tuple[int, int]]:
     """Character span of each message's content in ``text``.
 
     Message i's content is the last occurrence of its text in the rendering of
-    the first i+1 messages, which is a prefix of the full rendering; this is
+    the first i+1 messages, which is usually a prefix of the full rendering; this is
     immune to the content also appearing earlier (e.g. in a default system prompt).
+    Where the template renders a message differently when it is the last one (Qwen3
+    adds an empty thinking block to the last assistant turn only), the prefix is not a
+    prefix of ``text``: the content is then the occurrence in ``text``, after the
+    previous message's content, closest to where the prefix rendering has it.
     """
     spans, cursor = [], 0
     for i, msg in enumerate(conversation):
         content = msg["content"]
-        prefix = render(tokenizer, conversation[: i + 1], add_generation_prompt=False)
+        prefix = render_prefix(conversation[: i + 1])
         found = None
         for candidate in (content, content.strip()):
             at = prefix.rfind(candidate) if candidate else -1
+            if at < 0:
+                continue
             if at >= cursor and text[at : at + len(candidate)] == candidate:
                 found = (at, at + len(candidate))
+                break
+            hits = [m.start() for m in re.finditer(re.escape(candidate), text[cursor:])]
+            if hits:
+                near = min(hits, key=lambda h: abs(cursor + h - at))
+                found = (cursor + near, cursor + near + len(candidate))
                 break
         if found is None:
             raise ValueError(
@@ -88,6 +206,8 @@ def encode(
     padding_side: str = "left",
     first_k: int = 3,
     device: torch.device | str | None = None,
+    chat_format: str | PlainFormat = "template",
+    **template_kwargs: Any,
 ) -> Batch:
     """Encode conversations into a padded ``Batch`` with named chat positions.
 
@@ -96,6 +216,14 @@ def encode(
         add_generation_prompt: default: True when the last message is not the assistant's.
         padding_side: ``"left"`` (for generation) or ``"right"``.
         first_k: how many ``assistant_i`` positions to name.
+        chat_format: ``"template"`` (default: the tokenizer's chat template, an error
+            without one), ``"plain"``, ``"auto"`` or a ``PlainFormat`` (see ``render``).
+        template_kwargs: passed to ``apply_chat_template`` (e.g. ``enable_thinking=False``).
+
+    ``pre_assistant`` is the token just before the assistant's content: with a template
+    that puts an empty thinking block before a teacher-forced answer (Qwen3) it is the
+    block's last token, as it is at the end of a generation prompt rendered with
+    ``enable_thinking=False``.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -114,11 +242,18 @@ def encode(
             "tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token"
         )
 
+    plain = _plain_format(tokenizer, chat_format) is not None
+
+    def render_prefix(messages: Sequence[Message]) -> str:
+        return render(tokenizer, messages, False, chat_format=chat_format, **template_kwargs)
+
     rows: list[dict[str, Any]] = []
     for conv in convs:
-        text = render(tokenizer, conv, agp)
-        spans = _content_spans(tokenizer, text, conv)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        text = render(tokenizer, conv, agp, chat_format=chat_format, **template_kwargs)
+        spans = _content_spans(render_prefix, text, conv)
+        # A chat template writes its own special tokens (BOS); a plain format gets the
+        # tokenizer's.
+        enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
         roles = [m["role"] for m in conv]
