@@ -25,6 +25,10 @@ it is affine once its scale is fixed. Everything here rests on that:
   2024) writes a hidden state from a source prompt into a target prompt and reads the
   target's next-token distribution or generation; the logit lens is its special case.
 
+The analyses (``accumulated_resid``, ``decompose_resid``, ``head_results``, ``dla``,
+``logit_lens``) run without autograd; ``model.unembed`` and ``apply_ln_to_stack`` are
+differentiable.
+
 Layers are indexed as in TransformerLens's ``accumulated_resid``: stream ``l`` for
 ``l < n_layers`` is the residual entering block ``l`` (``blocks.{l}.hook_resid_pre``), and
 stream ``n_layers`` is the final residual (``blocks.{n_layers-1}.hook_resid_post``).
@@ -378,7 +382,21 @@ class DirectLogitAttribution:
         return tuple(f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads))
 
     def __getitem__(self, label: str) -> Tensor:
-        return self.components[self.labels.index(label)]
+        """A component's ``[batch]`` attributions (``"embed"``, ``"3_mlp_out"``) or a head's
+        (``"L3H1"``)."""
+        if label in self.labels:
+            return self.components[self.labels.index(label)]
+        if label in self.head_labels:
+            return self.heads.flatten(0, 1)[self.head_labels.index(label)]
+        raise KeyError(f"no component or head {label!r}; components: {', '.join(self.labels)}")
+
+    def top(self, k: int = 5, row: int = 0, heads: bool = False) -> list[tuple[str, float]]:
+        """The ``k`` largest attributions by magnitude in batch row ``row``, as
+        ``(label, value)``: components, or heads with ``heads=True``."""
+        values = self.heads.flatten(0, 1)[:, row] if heads else self.components[:, row]
+        labels = self.head_labels if heads else self.labels
+        order = values.abs().topk(min(k, len(labels))).indices.tolist()
+        return [(labels[i], float(values[i])) for i in order]
 
 
 @dataclass(frozen=True)
@@ -489,6 +507,7 @@ def _split(source: Any, model: Any) -> tuple[Any, Any]:
     return source, source
 
 
+@torch.no_grad()
 def accumulated_resid(
     source: Any,
     batch: Any = None,
@@ -551,6 +570,7 @@ def _has_pos(model: Any, source: Any) -> bool:
     return "hook_embed" in source and "hook_pos_embed" in source
 
 
+@torch.no_grad()
 def decompose_resid(
     source: Any,
     batch: Any = None,
@@ -599,6 +619,7 @@ def decompose_resid(
     return ResidStack(stack, tuple(labels), tuple(layers))
 
 
+@torch.no_grad()
 def head_results(model: Any, batch: Any, *, positions: Any = None) -> HeadResults:
     """Each head's output in every block, ``hook_z[..., h, :] @ W_O[h]`` (float32).
 
@@ -674,6 +695,7 @@ def _one_token(tokenizer: Any, text: str, what: str) -> int:
     return int(ids[0])
 
 
+@torch.no_grad()
 def dla(
     model: Any,
     batch: Any,
@@ -755,6 +777,7 @@ def dla(
     )
 
 
+@torch.no_grad()
 def logit_lens(model: Any, batch: Any, *, positions: Any = -1) -> LogitLens:
     """Logits of the residual stream entering every block and of the final residual, each
     through the model's own final norm (with its own scale) and unembedding

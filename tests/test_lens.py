@@ -70,6 +70,13 @@ def test_contributions_sum_to_the_final_logit_difference(family):
     assert labels[0] == "embed" and "2_mlp_out" in labels
     assert ("pos_embed" in labels) == (family == "gpt2")
     assert ("bias" in labels) == (family in ("gpt2", "gpt_neox"))  # LayerNorm biases
+    attr = lens.dla(model, IDS, ANSWER, WRONG)
+    label, value = attr.top(1, row=1, heads=True)[0]
+    assert (
+        value
+        == attr[label][1].item()
+        == attr.heads[..., 1].abs().max().item() * (1 if value > 0 else -1)
+    )
 
 
 def test_gemma2_soft_cap_is_applied_after_the_sum():
