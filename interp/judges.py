@@ -599,9 +599,11 @@ class YesNoJudge(_NextTokenJudge):
     read. ``mass = P(yes) + P(no)``; below ``min_mass`` an item is ``"malformed"``.
 
     Args:
-        model, template, prefill, chat_format, chat_template_kwargs, thinking, think_tags,
-            append_space, min_mass: as in ``RubricJudge``.
-        yes, no: the answer words (default ``"yes"`` / ``"no"``), matched case-insensitively.
+        yes: the affirmative answer word (default ``"yes"``), matched case-insensitively.
+        no: the negative answer word (default ``"no"``).
+        kwargs: ``template``, ``prefill``, ``chat_format``, ``chat_template_kwargs``,
+            ``thinking``, ``think_tags``, ``append_space``, ``min_mass``: as in
+            ``RubricJudge``.
     """
 
     kind = "yes/no judge"
