@@ -328,3 +328,14 @@ def test_classifier_model_object_too_long_and_bad_labels(classifier_dir):
         ClassifierJudge(model, tokenizer=tok, label="spam")
     with pytest.raises(ValueError, match="pass label="):
         ClassifierJudge(model, tokenizer=tok)
+
+
+def test_a_bf16_judge_reads_in_float32():
+    fp32 = interp.tiny("llama", seed=0)
+    bf16 = interp.tiny("llama", seed=0)
+    bf16.model.to(torch.bfloat16)
+    a = RubricJudge(fp32, RUBRIC, prefill="Score:", min_mass=0.0)(CONVS, progress=False)
+    b = RubricJudge(bf16, RUBRIC, prefill="Score:", min_mass=0.0)(CONVS, progress=False)
+    assert b.scores.dtype == torch.float32 and b.status == ("ok",) * 3
+    assert torch.allclose(a.scores, b.scores, atol=0.05)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16  # nothing cast the model
