@@ -145,14 +145,23 @@ def test_head_output_weights_per_family():
         lens.head_output_weights(model, 7)
 
 
-def _hooked_transformer():
+def _hooked_transformer(normalization_type: str = "LN", n_key_value_heads: int | None = None):
     module = pytest.importorskip(
         "transformer_lens.HookedTransformer", reason="TransformerLens 4 removed HookedTransformer"
     )
     from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu", seed=0
+        n_layers=3,
+        d_model=32,
+        n_ctx=32,
+        d_head=8,
+        n_heads=4,
+        d_vocab=50,
+        act_fn="gelu",
+        seed=0,
+        normalization_type=normalization_type,
+        n_key_value_heads=n_key_value_heads,
     )
     ht = module.HookedTransformer(cfg)
     g = torch.Generator().manual_seed(1)
@@ -164,8 +173,9 @@ def _hooked_transformer():
 
 
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
-def test_agrees_with_transformer_lens_on_a_hooked_transformer():
-    ht = _hooked_transformer()
+@pytest.mark.parametrize(("norm", "kv_heads"), [("LN", None), ("RMS", 2)])  # RMS with GQA
+def test_agrees_with_transformer_lens_on_a_hooked_transformer(norm, kv_heads):
+    ht = _hooked_transformer(norm, kv_heads)
     model = interp.load(ht)
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
     _, cache = ht.run_with_cache(ids)
