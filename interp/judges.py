@@ -40,7 +40,7 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Bool, Float
@@ -51,6 +51,7 @@ from interp.chat import PlainFormat, render
 __all__ = [
     "STATUSES",
     "ClassifierJudge",
+    "Judge",
     "JudgeResult",
     "RubricJudge",
     "YesNoJudge",
@@ -114,6 +115,14 @@ class JudgeResult:
                 }
             )
         return out
+
+
+class Judge(Protocol):
+    """What every judge is: a callable from items to a ``JudgeResult``."""
+
+    def __call__(self, items: Any, *, batch_size: int = 8, progress: bool = True) -> JudgeResult:
+        """Judge ``items``: texts, conversations or dicts of template fields."""
+        ...
 
 
 # ---- items and prompts -------------------------------------------------------------------------
@@ -302,13 +311,22 @@ def _max_length(model: Any) -> int | None:
 
 
 def _vocab(tokenizer: Any) -> list[str]:
-    """Each token id decoded on its own (special tokens as empty strings)."""
+    """Each token id's text as it reads after another token (special tokens: empty).
+
+    Decoded after an anchor token and with the anchor's text cut off, so SentencePiece
+    tokenizers keep the leading space of ``"▁4"`` (decoded alone, it would be dropped).
+    """
     n = len(tokenizer)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
         if getattr(added, "special", False):
             special.add(int(i))
-    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+    kw = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+    alone = tokenizer.batch_decode([[i] for i in range(n)], **kw)
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+    head = tokenizer.decode(anchor, **kw)
+    after = tokenizer.batch_decode([[*anchor, i] for i in range(n)], **kw)
+    texts = [b[len(head) :] if b.startswith(head) else a for a, b in zip(alone, after, strict=True)]
     return ["" if i in special else t for i, t in enumerate(texts)]
 
 

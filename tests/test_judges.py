@@ -339,3 +339,20 @@ def test_a_bf16_judge_reads_in_float32():
     assert b.scores.dtype == torch.float32 and b.status == ("ok",) * 3
     assert torch.allclose(a.scores, b.scores, atol=0.05)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16  # nothing cast the model
+
+
+def test_sentencepiece_space_variants_are_recognized():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "a", "\u2581a", "z", ":", *"12345", *(f"\u2581{d}" for d in "12345")]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+    assert tok.decode(tok.convert_tokens_to_ids(["\u25814"])) == "4"  # alone: no space
+    judge = RubricJudge(FakeLM(tok, {"\u25814": 0.5, "4": 0.25}), "{text}", chat_format=None)
+    assert sorted(judge.token_ids["4"]) == sorted(tok.convert_tokens_to_ids(["4", "\u25814"]))
+    assert not judge._needs_space()  # "▁4" is a space-prefixed digit: read right after ":"
+    result = judge(["a:"], progress=False)
+    assert result.inputs == ("a:",) and result.mass == pytest.approx([0.75], abs=1e-5)
