@@ -446,7 +446,7 @@ def activation_patching(
         direction: ``"denoising"`` (clean into the corrupted run) or ``"noising"``.
         sites_per_forward: how many sites one forward pass patches (that many stacked
             copies of the base batch); 1 is one forward per site.
-        progress: show a tqdm progress bar over forward passes.
+        progress: show a tqdm progress bar (counting sites).
     """
     direction = _direction(direction)
     if sites_per_forward < 1:
