@@ -1,4 +1,4 @@
-"""TopK SAE training throughput: ``interp.sae.train`` vs SAELens's TopK training step.
+"""TopK SAE training throughput: ``interp.sae.train_sae`` vs SAELens's TopK training step.
 
     python benchmarks/sae_throughput.py [--device cpu] [--d-in 576 --d-sae 4608 --k 32]
         [--batch 4096] [--steps 20] [--warmup 3] [--data synthetic|gaussian|PATH]
@@ -7,7 +7,7 @@
 Both trainers see the same batches in the same order, on the same device and threads.
 SAELens's step is its own public seam ``SAETrainer.step`` on a ``TopKTrainingSAE`` (the
 code path of ``SAETrainer.fit``: forward, MSE + TopK aux loss, backward, gradient
-clipping at 1.0, Adam, LR scheduler). Ours is the real ``interp.sae.train`` loop, fed by
+clipping at 1.0, Adam, LR scheduler). Ours is the real ``interp.sae.train_sae`` loop, fed by
 a generator that runs one SAELens step between our steps, so each pair of steps runs
 back to back under the same machine conditions (the pair order alternates). Fairness:
 same Adam (lr, betas, eps 1e-8), same gradient clipping, no warmup on either side;
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
 
-from interp.sae import TopKSAE, evaluate, train
+from interp.sae import TopKSAE, evaluate, train_sae
 
 # Issue 4: at least 5× SAELens's tokens/s at equal or better held-out FVU.
 TARGET_SPEEDUP = 5.0
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    result = train(
+    result = train_sae(
         ours, paired(), lr=lr, eps=1e-8, warmup_steps=0, max_grad_norm=1.0, progress=False
     )
 

@@ -53,9 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import interp
-from interp.sae import TopKSAE, evaluate, splice
-from interp.sae import TrainConfig as SAETrainConfig
-from interp.sae import train as sae_train
+from interp.sae import SAETrainConfig, TopKSAE, evaluate, splice, train_sae
 from interp.stats import bootstrap_ci, cohens_d
 
 NAME = "sae_base_chat_delta"
@@ -270,7 +268,7 @@ def fit_sae(x: Tensor, train_idx: Tensor, s: Settings, seed: int, hook: str) -> 
         while True:
             yield rows[torch.randint(0, rows.shape[0], (s.sae_batch,), generator=g)]
 
-    sae_train(
+    train_sae(
         sae,
         batches(),
         SAETrainConfig(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import interp
-from interp.sae import TopKSAE, train
+from interp.sae import TopKSAE, train_sae
 from interp.sae.store import ActivationStore, CachedActivations, cache_activations
 
 HOOK = "blocks.1.hook_resid_post"
@@ -173,6 +173,6 @@ def test_train_a_sae_from_the_store(model):
         model, TEXTS * 2, HOOK, batch_size=32, buffer_size=128, text_batch_size=6
     )
     sae = TopKSAE(64, 128, 8, generator=torch.Generator().manual_seed(0))
-    result = train(sae, store, lr=3e-3, warmup_steps=2, progress=False)
+    result = train_sae(sae, store, lr=3e-3, warmup_steps=2, progress=False)
     assert result.steps == len(list(store)) > 5
     assert result.history[-1].fvu < result.history[0].fvu

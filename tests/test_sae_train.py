@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from interp.sae import TopKSAE, TrainConfig, default_lr, evaluate, train
+from interp.sae import SAETrainConfig, TopKSAE, default_lr, evaluate, train_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,20 +34,20 @@ QUICK = dict(warmup_steps=2, progress=False, lr=1e-2)
 
 def test_train_config_validation():
     with pytest.raises(ValueError, match="lr must be > 0"):
-        TrainConfig(lr=0.0)
+        SAETrainConfig(lr=0.0)
     with pytest.raises(ValueError, match="decay_steps needs max_steps"):
-        TrainConfig(decay_steps=10)
+        SAETrainConfig(decay_steps=10)
     with pytest.raises(ValueError, match="dead_tokens must be ≥ 1"):
-        TrainConfig(dead_tokens=0)
+        SAETrainConfig(dead_tokens=0)
     with pytest.raises(ValueError, match="betas"):
-        TrainConfig(betas=(0.9, 1.0))
+        SAETrainConfig(betas=(0.9, 1.0))
     assert default_lr(2**14) == pytest.approx(2e-4)
     assert default_lr(2**16) == pytest.approx(1e-4)
 
 
 def test_history_metrics_and_warmup():
     sae = _sae()
-    result = train(sae, _batches(), warmup_steps=4, lr=1e-3, progress=False)
+    result = train_sae(sae, _batches(), warmup_steps=4, lr=1e-3, progress=False)
     assert result.steps == 6 and result.tokens == 6 * 32
     h = result.history
     assert [m.step for m in h] == list(range(1, 7))
@@ -62,7 +62,7 @@ def test_history_metrics_and_warmup():
 def test_decoder_rows_unit_norm_after_every_step(d_in, d_sae, seed):
     sae = _sae(d_in, d_sae, min(3, d_sae), seed)
     norms = []
-    train(
+    train_sae(
         sae,
         _batches(4, 16, d_in, seed),
         on_step=lambda m: norms.append(sae.W_dec.detach().norm(dim=1).clone()),
@@ -80,7 +80,7 @@ def test_first_step_sets_b_dec_to_geometric_median():
     batches = _batches()
     sae = _sae()
     seen = []
-    train(
+    train_sae(
         sae,
         batches[:1],
         max_steps=1,
@@ -105,17 +105,17 @@ def _crashing(batches, at):
 
 def test_resume_matches_uninterrupted_run(tmp_path):
     batches = _batches(n_batches=9)
-    cfg = TrainConfig(dead_tokens=40, resample_every=4, checkpoint_every=2, **QUICK)
+    cfg = SAETrainConfig(dead_tokens=40, resample_every=4, checkpoint_every=2, **QUICK)
 
-    ref = train(_sae(), batches, cfg)
+    ref = train_sae(_sae(), batches, cfg)
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Crash):
-        train(_sae(), _crashing(batches, at=7), cfg, checkpoint_dir=ckpt)
+        train_sae(_sae(), _crashing(batches, at=7), cfg, checkpoint_dir=ckpt)
     assert (ckpt / "checkpoint.pt").exists()
     assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]  # atomic writes
     # A fresh SAE with a *different* init: everything must come from the checkpoint.
-    resumed = train(_sae(seed=123), batches, cfg, checkpoint_dir=ckpt)
+    resumed = train_sae(_sae(seed=123), batches, cfg, checkpoint_dir=ckpt)
 
     assert resumed.steps == ref.steps == 9
     assert [m.step for m in resumed.history] == list(range(1, 10))
@@ -127,9 +127,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_resume_rejects_mismatched_sae(tmp_path):
-    train(_sae(), _batches(2), checkpoint_dir=tmp_path, **QUICK)
+    train_sae(_sae(), _batches(2), checkpoint_dir=tmp_path, **QUICK)
     with pytest.raises(ValueError, match="d_sae=32"):
-        train(_sae(d_sae=16), _batches(2), checkpoint_dir=tmp_path, **QUICK)
+        train_sae(_sae(d_sae=16), _batches(2), checkpoint_dir=tmp_path, **QUICK)
 
 
 def test_nan_stops_with_clear_message():
@@ -139,28 +139,28 @@ def test_nan_stops_with_clear_message():
     with pytest.raises(
         FloatingPointError, match=r"non-finite loss at step 2.*input batch contains NaN"
     ):
-        train(sae, batches, **QUICK)
+        train_sae(sae, batches, **QUICK)
     assert all(torch.isfinite(p).all() for p in sae.parameters())  # no update applied
     with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
-        train(_sae(), [torch.full((8, 8), float("inf"))], init_b_dec=False, **QUICK)
+        train_sae(_sae(), [torch.full((8, 8), float("inf"))], init_b_dec=False, **QUICK)
 
 
 def test_bf16_batches_keep_fp32_params_and_optimizer_state(tmp_path):
     sae = _sae()
-    result = train(sae, _batches(dtype=torch.bfloat16), checkpoint_dir=tmp_path, **QUICK)
+    result = train_sae(sae, _batches(dtype=torch.bfloat16), checkpoint_dir=tmp_path, **QUICK)
     assert all(p.dtype == torch.float32 for p in result.sae.parameters())
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
     moments = [t for s in state.values() for k, t in s.items() if k.startswith("exp_avg")]
     assert moments and all(t.dtype == torch.float32 for t in moments)
     with pytest.raises(TypeError, match="float32"):
-        train(_sae().to(torch.float64), _batches(1), **QUICK)
+        train_sae(_sae().to(torch.float64), _batches(1), **QUICK)
 
 
 def test_auxk_engages_only_with_dead_latents():
     batches = _batches(8)
-    quiet = train(_sae(d_sae=64, k=2), batches, dead_tokens=10**9, **QUICK)
+    quiet = train_sae(_sae(d_sae=64, k=2), batches, dead_tokens=10**9, **QUICK)
     assert all(m.auxk_loss == 0.0 and m.dead_fraction == 0.0 for m in quiet.history)
-    noisy = train(_sae(d_sae=64, k=2), batches, dead_tokens=32, **QUICK)
+    noisy = train_sae(_sae(d_sae=64, k=2), batches, dead_tokens=32, **QUICK)
     assert any(m.dead_fraction > 0 for m in noisy.history)
     assert all(
         (m.auxk_loss > 0) == (prev.dead_fraction > 0)
@@ -172,7 +172,7 @@ def test_resampling_replaces_dead_decoder_rows():
     batches = _batches(4)
     sae = _sae(d_sae=64, k=2)
     before = sae.W_dec.detach().clone()
-    result = train(sae, batches, dead_tokens=32, resample_every=2, auxk_alpha=0.0, **QUICK)
+    result = train_sae(sae, batches, dead_tokens=32, resample_every=2, auxk_alpha=0.0, **QUICK)
     # Resampled rows are unit residual directions; they differ from the tied init.
     changed = (sae.W_dec.detach() - before).norm(dim=1) > 0.5
     assert bool(changed.any())
@@ -182,7 +182,7 @@ def test_resampling_replaces_dead_decoder_rows():
 
 def test_evaluate_matches_direct_computation():
     sae = _sae()
-    train(sae, _batches(), **QUICK)
+    train_sae(sae, _batches(), **QUICK)
     held = _batches(3, batch=20, seed=9)
     metrics = evaluate(sae, held)
     x = torch.cat(held)
@@ -212,7 +212,7 @@ def test_training_recovers_a_known_sparse_dictionary(d_in, n_true, s, seed):
     D = torch.randn(n_true, d_in, generator=g)
     D /= D.norm(dim=1, keepdim=True)
     sae = TopKSAE(d_in, 2 * n_true, s, generator=torch.Generator().manual_seed(seed))
-    train(
+    train_sae(
         sae,
         _dictionary_batches(D, s, 150, 256, g),
         lr=1e-2,
@@ -236,8 +236,8 @@ def _dp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     try:
         global_batches = _batches(n_batches=6, batch=32)
         shard = [b.chunk(world)[rank] for b in global_batches]  # equal shards of each batch
-        # Rank 1 starts from another init: train must broadcast rank 0's parameters.
-        result = train(_sae(d_sae=64, k=2, seed=rank), shard, **_DP_CFG)
+        # Rank 1 starts from another init: train_sae must broadcast rank 0's parameters.
+        result = train_sae(_sae(d_sae=64, k=2, seed=rank), shard, **_DP_CFG)
         torch.save(
             {"state": result.sae.state_dict(), "history": [list(m) for m in result.history]},
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -247,7 +247,7 @@ def _dp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
 
 
 def test_data_parallel_two_processes_match_single_process(tmp_path):
-    single = train(_sae(d_sae=64, k=2), _batches(n_batches=6, batch=32), **_DP_CFG)
+    single = train_sae(_sae(d_sae=64, k=2), _batches(n_batches=6, batch=32), **_DP_CFG)
     # fork skips re-importing torch in the children (seconds each on a busy 2-core box);
     # the workers drop to one intra-op thread first. Python ≥ 3.12 warns about fork in a
     # multi-threaded process, so there we pay for spawn.

@@ -1,11 +1,12 @@
 """TopK sparse autoencoders: model, sparse kernels, trainer, SAELens interchange, splicing.
 
 ``TopKSAE`` (Gao et al. 2024) keeps its latents as k (index, value) pairs; encoder and
-decoder backward passes touch only the selected latents (``functional``). ``train``
-fits it on any iterable of activation batches (checkpoint/resume, data parallel);
-``save``/``load`` use SAELens's directory format; ``splice`` puts it into a model
-through a TransformerLens-style hook; ``ActivationStore`` streams shuffled activations
-from a model (or ``cache_activations``/``CachedActivations`` through disk).
+decoder backward passes touch only the selected latents (``functional``).
+``train_sae`` (module ``interp.sae.train``) fits it on any iterable of activation
+batches (checkpoint/resume, data parallel); ``save``/``load`` use SAELens's directory
+format; ``splice`` puts it into a model through a TransformerLens-style hook;
+``ActivationStore`` streams shuffled activations from a model (or
+``cache_activations``/``CachedActivations`` through disk).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from interp.sae.splice import ce_loss_recovered, splice
 from interp.sae.store import ActivationStore, CachedActivations, cache_activations
 from interp.sae.train import (
     EvalMetrics,
+    SAETrainConfig,
+    SAETrainResult,
     StepMetrics,
-    TrainConfig,
-    TrainResult,
     default_lr,
     evaluate,
-    train,
+    train_sae,
 )
 
 __all__ = [
@@ -40,12 +41,12 @@ __all__ = [
     "CachedActivations",
     "EvalMetrics",
     "SAEOutput",
+    "SAETrainConfig",
+    "SAETrainResult",
     "StepMetrics",
     "TopKActivations",
     "TopKSAE",
     "TopKSAEConfig",
-    "TrainConfig",
-    "TrainResult",
     "auxk_loss",
     "cache_activations",
     "ce_loss_recovered",
@@ -63,5 +64,5 @@ __all__ = [
     "to_saelens",
     "topk_encode",
     "topk_encode_dense",
-    "train",
+    "train_sae",
 ]

@@ -14,7 +14,7 @@ consecutive rows of one text are spread over many batches. The buffer is one
 preallocated ``[buffer_size, d]`` tensor; activations of a text batch are copied into it
 as they arrive, so the store never holds more rows than its buffer (plus the one
 text batch being captured). Iterating again replays the same batches (same seed), which
-is what ``interp.sae.train`` relies on to resume.
+is what ``interp.sae.train_sae`` relies on to resume.
 
 ``cache_activations`` writes what a store yields to disk as safetensors or ``.npy``
 shards (each written atomically; ``meta.json`` last, so a partial cache is never taken

@@ -1,6 +1,6 @@
 """Training loop for ``TopKSAE`` over any iterable of activation batches.
 
-One function, ``train``, reads top to bottom; each step does, in order:
+One function, ``train_sae``, reads top to bottom; each step does, in order:
 
 1. cast the batch to fp32 (parameters and Adam state stay fp32 whatever comes in);
 2. on the very first step, set b_dec to the geometric median of the batch
@@ -20,7 +20,7 @@ of Gao et al. 2024 as used by EleutherAI's ``sparsify``), linear warmup, optiona
 decay at the end, eps 6.25e-10 (Gao et al. 2024, Appendix A).
 
 Resuming: a checkpoint holds the SAE, the optimizer, the counters, the generator state
-and the history. ``train`` resumed from it skips the batches already consumed (so the
+and the history. ``train_sae`` resumed from it skips the batches already consumed (so the
 iterable must yield the same batches again, e.g. a list or a seeded stream) and gives
 the same parameters as an uninterrupted run.
 
@@ -34,7 +34,7 @@ writes checkpoints. For example, with ``torchrun --nproc_per_node 2 fit.py``::
     dist.init_process_group("gloo")          # "nccl" on GPUs
     rank, world = dist.get_rank(), dist.get_world_size()
     shards = (batch.chunk(world)[rank] for batch in global_batches)
-    train(TopKSAE(576, 4608, 32), shards, TrainConfig(checkpoint_dir="ckpt"))
+    train_sae(TopKSAE(576, 4608, 32), shards, SAETrainConfig(checkpoint_dir="ckpt"))
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ from interp.sae.model import TopKSAE
 
 __all__ = [
     "EvalMetrics",
+    "SAETrainConfig",
+    "SAETrainResult",
     "StepMetrics",
-    "TrainConfig",
-    "TrainResult",
     "default_lr",
     "evaluate",
-    "train",
+    "train_sae",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -73,8 +73,8 @@ def default_lr(d_sae: int) -> float:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of ``train``; every field is validated on construction.
+class SAETrainConfig:
+    """Hyper-parameters of ``train_sae``; every field is validated on construction.
 
     ``dead_tokens``: a latent is dead when it has not fired in that many tokens (10M in
     Gao et al. 2024; scale down for small runs). ``resample_every``: every that many
@@ -102,7 +102,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
-            raise ValueError(f"TrainConfig: {msg}")
+            raise ValueError(f"SAETrainConfig: {msg}")
 
         if self.lr is not None and not self.lr > 0:
             bad(f"lr must be > 0, got {self.lr}")
@@ -156,7 +156,7 @@ class EvalMetrics(NamedTuple):
     n_tokens: int
 
 
-class TrainResult(NamedTuple):
+class SAETrainResult(NamedTuple):
     sae: TopKSAE
     history: list[StepMetrics]
     steps: int
@@ -238,7 +238,7 @@ def _save_checkpoint(
     opt: torch.optim.Optimizer,
     state: _State,
     gen: torch.Generator,
-    cfg: TrainConfig,
+    cfg: SAETrainConfig,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -264,8 +264,8 @@ def _load_checkpoint(
     for key in ("d_in", "d_sae", "k"):
         if saved[key] != getattr(sae.cfg, key):
             raise ValueError(
-                f"checkpoint {path} is for {key}={saved[key]}, but the SAE passed to train has "
-                f"{key}={getattr(sae.cfg, key)}"
+                f"checkpoint {path} is for {key}={saved[key]}, but the SAE passed to "
+                f"train_sae has {key}={getattr(sae.cfg, key)}"
             )
     sae.load_state_dict(payload["sae"])
     opt.load_state_dict(payload["optimizer"])
@@ -281,7 +281,7 @@ def _load_checkpoint(
 # ---- the loop ------------------------------------------------------------------------------
 
 
-def _lr_at(step: int, base: float, cfg: TrainConfig) -> float:
+def _lr_at(step: int, base: float, cfg: SAETrainConfig) -> float:
     lr = base * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else base
     if cfg.decay_steps and cfg.max_steps is not None:
         lr *= min(1.0, max(0.0, (cfg.max_steps - step) / cfg.decay_steps))
@@ -329,14 +329,14 @@ def _resample_dead_(
                 moment[index] = 0.0
 
 
-def train(
+def train_sae(
     sae: TopKSAE,
     batches: Iterable[Tensor],
-    config: TrainConfig | None = None,
+    config: SAETrainConfig | None = None,
     *,
     on_step: Callable[[StepMetrics], None] | None = None,
     **overrides: Any,
-) -> TrainResult:
+) -> SAETrainResult:
     """Train ``sae`` in place on ``batches`` (tensors ``[batch, d_in]``, any float dtype).
 
     ``config`` fields can also be given as keyword ``overrides``. ``on_step`` is called
@@ -345,7 +345,7 @@ def train(
     had consumed) and writes that file atomically every ``checkpoint_every`` steps and at
     the end.
     """
-    cfg = replace(config or TrainConfig(), **overrides)
+    cfg = replace(config or SAETrainConfig(), **overrides)
     dp = _DataParallel()
     device = sae.W_enc.device
     params = list(sae.parameters())
@@ -472,7 +472,7 @@ def train(
         if dp.is_main:
             _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
         dp.barrier()
-    return TrainResult(sae, state.history, state.step, state.tokens)
+    return SAETrainResult(sae, state.history, state.step, state.tokens)
 
 
 @torch.no_grad()
