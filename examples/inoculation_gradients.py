@@ -3,8 +3,8 @@
     python examples/inoculation_gradients.py [--quick] [--model M] [--device cpu] [--seed 0]
                                              [--out runs/inoculation_gradients] [--no-train]
 
-Trait: ALL-CAPS (measured as the share of letters that are uppercase). Training
-data: short arithmetic word problems whose answers are written in capitals.
+Trait: ALL-CAPS (the share of letters that are uppercase, ``caps_fraction`` below).
+Training data: short arithmetic word problems whose answers are written in capitals.
 
 1. Smoke: the serialized chat, the token indices of ``user_end`` and
    ``pre_assistant``, activation shapes and one projection.
@@ -57,7 +57,6 @@ import interp
 from interp import chat
 from interp.alignment import (
     Alignment,
-    caps_fractions,
     compare_conditions,
     gradient_alignment,
     random_direction_null,
@@ -312,6 +311,30 @@ def encode(model: Any, convs: Sequence[Conversation], padding_side: str = "right
     # Right padding for forward passes: positions then start at 0 in every row, exactly as
     # for an unpadded sequence. Left padding only for generation.
     return chat.encode(model.tokenizer, convs, padding_side=padding_side, device=model.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trait metric
+# ---------------------------------------------------------------------------------------------
+def caps_fraction(text: str) -> float:
+    """Fraction of the letters in ``text`` that are uppercase: the study's ALL-CAPS trait.
+
+    Letters are characters with ``str.isalpha()``; digits, spaces and
+    punctuation are ignored. A text with no letters scores 0.0 (it shows no
+    trait, and the metric stays a number). Letters without case (e.g. CJK)
+    count as letters that are not uppercase.
+    """
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return 0.0
+    return sum(ch.isupper() for ch in letters) / len(letters)
+
+
+def caps_fractions(texts: Sequence[str]) -> Tensor:
+    """:func:`caps_fraction` of each text, as a float64 tensor ``[n]``."""
+    if isinstance(texts, str):
+        raise TypeError("caps_fractions takes a list of texts; use caps_fraction for one")
+    return torch.tensor([caps_fraction(t) for t in texts], dtype=torch.float64)
 
 
 def caps_token_ids(tokenizer: Any) -> Tensor:

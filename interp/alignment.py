@@ -1,13 +1,13 @@
-"""Gradient alignment with a direction, its controls, and the ALL-CAPS trait metric.
+"""Gradient alignment with a direction, and its controls.
 
 Design
 ------
-The inoculation study asks whether a system prompt *rotates* the training
-gradient away from a trait direction or merely *shrinks* it (a lower loss
-shrinks every projection). So for gradients of the loss with respect to the
-residual stream at one position, ``g[i, l] = ∂L_i/∂h_l`` of shape
-``[n_examples, n_layers, d_model]``, and a :class:`~interp.directions.Direction`
-``v``, :func:`gradient_alignment` keeps per example and layer
+Does a training condition (e.g. inoculation prompting: a system prompt that
+asks for the trait during training) *rotate* the training gradient away from a
+trait direction or merely *shrink* it (a lower loss shrinks every projection)?
+For gradients of the loss with respect to the residual stream at one position,
+``g[i, l] = ∂L_i/∂h_l`` of shape ``[n_examples, n_layers, d_model]``, and a
+:class:`~interp.directions.Direction` ``v``, :func:`gradient_alignment` keeps per example and layer
 
 * ``‖g‖`` — the overall size (what loss reduction changes),
 * ``⟨g, v⟩`` — the raw projection (changes with size *and* angle),
@@ -29,11 +29,8 @@ Controls, all computed from the same per-example values:
   (bootstrap interval over examples) against the band of changes the same
   random directions show.
 * :func:`select_loss_matched` / :func:`select_loss_matched_prompt` — pick the
-  control prompt whose mean loss is closest to the inoculation prompt's, so a
+  control prompt whose mean loss is closest to the condition's prompt, so a
   difference in alignment cannot be explained by a difference in loss.
-
-The trait metric is :func:`caps_fraction`: the share of letters that are
-uppercase.
 """
 
 from __future__ import annotations
@@ -54,8 +51,6 @@ __all__ = [
     "ConditionComparison",
     "LossMatch",
     "NullBand",
-    "caps_fraction",
-    "caps_fractions",
     "compare_conditions",
     "gradient_alignment",
     "random_direction_null",
@@ -476,7 +471,7 @@ def select_loss_matched_prompt(
     ``loss_of(system_prompt)`` returns per-example losses of the calibration
     batch under that system prompt (the caller closes over model and batch).
     ``candidates`` maps names to prompt texts (a plain list is named by its
-    texts). ``target`` is the inoculation prompt text (its losses are computed
+    texts). ``target`` is the condition's prompt text (its losses are computed
     with ``loss_of`` and paired with the candidates') or a target mean loss.
     Returns ``(best_name, table)`` as :func:`select_loss_matched`.
     """
@@ -486,24 +481,3 @@ def select_loss_matched_prompt(
     losses = {name: loss_of(prompt) for name, prompt in named.items()}
     target_loss = loss_of(target) if isinstance(target, str) else float(target)
     return select_loss_matched(losses, target_loss, n_boot=n_boot, level=level, seed=seed)
-
-
-def caps_fraction(text: str) -> float:
-    """Fraction of the letters in ``text`` that are uppercase.
-
-    Letters are characters with ``str.isalpha()``; digits, spaces and
-    punctuation are ignored. A text with no letters scores 0.0 (it shows no
-    trait, and the metric stays a number). Letters without case (e.g. CJK)
-    count as letters that are not uppercase.
-    """
-    letters = [ch for ch in text if ch.isalpha()]
-    if not letters:
-        return 0.0
-    return sum(ch.isupper() for ch in letters) / len(letters)
-
-
-def caps_fractions(texts: Sequence[str]) -> Float[Tensor, " n"]:
-    """:func:`caps_fraction` of each text, as a float64 tensor."""
-    if isinstance(texts, str):
-        raise TypeError("caps_fractions takes a list of texts; use caps_fraction for one")
-    return torch.tensor([caps_fraction(t) for t in texts], dtype=torch.float64)

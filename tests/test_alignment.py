@@ -1,11 +1,9 @@
-"""Gradient alignment, its random-direction and loss-matched controls, the caps metric, the study data."""
+"""Gradient alignment and its random-direction and loss-matched controls."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,6 @@ from hypothesis import strategies as st
 
 from interp.alignment import (
     Alignment,
-    caps_fraction,
-    caps_fractions,
     compare_conditions,
     gradient_alignment,
     random_direction_null,
@@ -24,8 +20,6 @@ from interp.alignment import (
     select_loss_matched_prompt,
 )
 from interp.directions import Direction, random_directions
-
-DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "inoculation"
 
 
 def unit_direction(n_layers: int, d_model: int, seed: int = 0, layers=None) -> Direction:
@@ -289,91 +283,3 @@ def test_select_loss_matched_prompt_uses_the_loss_callable():
     assert best == "A"
     with pytest.raises(TypeError, match="not one string"):
         select_loss_matched_prompt(loss_of, "be concise", 1.0)
-
-
-# --- caps metric -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("HELLO", 1.0),
-        ("hello", 0.0),
-        ("AbCd", 0.5),
-        ("Hello, World!", 0.2),
-        ("SHE HAS 12 APPLES LEFT.", 1.0),
-        ("123 + 4 = 127 !!", 0.0),
-        ("", 0.0),
-        ("ÉCOLE école", 0.5),
-    ],
-)
-def test_caps_fraction_examples(text, expected):
-    assert caps_fraction(text) == pytest.approx(expected)
-
-
-@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
-def test_caps_fraction_properties_on_ascii(text):
-    frac = caps_fraction(text)
-    assert 0.0 <= frac <= 1.0
-    has_letters = any(c.isalpha() for c in text)
-    assert caps_fraction(text.upper()) == (1.0 if has_letters else 0.0)
-    assert caps_fraction(text.lower()) == 0.0
-    assert caps_fraction(text.swapcase()) == pytest.approx(1.0 - frac if has_letters else 0.0)
-
-
-def test_caps_fractions_batched():
-    out = caps_fractions(["ABC", "abc", "Ab", "42"])
-    assert out.dtype == torch.float64
-    assert out.tolist() == [1.0, 0.0, 0.5, 0.0]
-    assert caps_fractions([]).shape == (0,)
-    with pytest.raises(TypeError, match="list of texts"):
-        caps_fractions("ABC")
-
-
-# --- the study's data files ---------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("make_data", DATA / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_data_files_pass_their_arithmetic_check():
-    assert load_make_data().check(DATA) == []
-
-
-def test_data_check_catches_a_wrong_answer(tmp_path):
-    make_data = load_make_data()
-    for name in ("math_problems.jsonl", "direction_prompts.jsonl", "system_prompts.json"):
-        (tmp_path / name).write_text((DATA / name).read_text())
-    rows = read_jsonl(tmp_path / "math_problems.jsonl")
-    first = rows[0]
-    wrong = str(int(make_data._NUMBER.findall(first["answer"])[0]) + 1)
-    first["answer"] = make_data._NUMBER.sub(wrong, first["answer"])
-    (tmp_path / "math_problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    errors = make_data.check(tmp_path)
-    assert len(errors) == 1 and first["id"] in errors[0]
-
-
-def test_data_files_are_well_formed_for_the_study():
-    problems = read_jsonl(DATA / "math_problems.jsonl")
-    assert len(problems) >= 300
-    assert caps_fractions([p["answer"].upper() for p in problems]).min() == 1.0
-    assert caps_fractions([p["answer"] for p in problems]).max() < 0.5
-    prompts = read_jsonl(DATA / "direction_prompts.jsonl")
-    assert len(prompts) >= 120 and len({p["domain"] for p in prompts}) >= 10
-    assert all(set(p) == {"id", "domain", "prompt"} for p in prompts)
-    system = json.loads((DATA / "system_prompts.json").read_text())
-    assert system["neutral"] == ["You are a helpful assistant."]
-    assert len(system["promote"]) >= 3 and len(system["suppress"]) >= 3
-    assert len(system["inoculation"]) >= 3 and len(system["control_pool"]) >= 12
-    # Controls are of similar length to the inoculation prompts (for loss matching).
-    inoc = [len(p.split()) for p in system["inoculation"]]
-    for prompt in system["control_pool"]:
-        assert min(inoc) - 8 <= len(prompt.split()) <= max(inoc) + 8

@@ -1,12 +1,20 @@
-"""End-to-end run of examples/inoculation_gradients.py on a tiny random model (smallest settings)."""
+"""examples/inoculation_gradients.py: its trait metric (caps_fraction), its data files, and an
+end-to-end run on a tiny random model (smallest settings)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
-from example_helpers import example_module, finite_interval, numbers
+import torch
+from example_helpers import EXAMPLES, example_module, finite_interval, numbers
+from hypothesis import given
+from hypothesis import strategies as st
+
+DATA = EXAMPLES / "data" / "inoculation"
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +153,91 @@ def test_one_backward_pass_gives_each_position(study):
             assert_close(grads[pos][:, i], ref.grads[name].float(), rtol=1e-4, atol=1e-6)
             assert_close(acts[pos][:, i], ref.activations[name].float(), rtol=1e-4, atol=1e-5)
         assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+# --- the trait metric (caps_fraction) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("HELLO", 1.0),
+        ("hello", 0.0),
+        ("AbCd", 0.5),
+        ("Hello, World!", 0.2),
+        ("SHE HAS 12 APPLES LEFT.", 1.0),
+        ("123 + 4 = 127 !!", 0.0),
+        ("", 0.0),
+        ("ÉCOLE école", 0.5),
+    ],
+)
+def test_caps_fraction_examples(study, text, expected):
+    assert study.caps_fraction(text) == pytest.approx(expected)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
+def test_caps_fraction_properties_on_ascii(study, text):
+    frac = study.caps_fraction(text)
+    assert 0.0 <= frac <= 1.0
+    has_letters = any(c.isalpha() for c in text)
+    assert study.caps_fraction(text.upper()) == (1.0 if has_letters else 0.0)
+    assert study.caps_fraction(text.lower()) == 0.0
+    assert study.caps_fraction(text.swapcase()) == pytest.approx(1.0 - frac if has_letters else 0.0)
+
+
+def test_caps_fractions_batched(study):
+    out = study.caps_fractions(["ABC", "abc", "Ab", "42"])
+    assert out.dtype == torch.float64
+    assert out.tolist() == [1.0, 0.0, 0.5, 0.0]
+    assert study.caps_fractions([]).shape == (0,)
+    with pytest.raises(TypeError, match="list of texts"):
+        study.caps_fractions("ABC")
+
+
+# --- the study's data files ---------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_make_data():
+    spec = importlib.util.spec_from_file_location("make_data", DATA / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_files_pass_their_arithmetic_check():
+    assert load_make_data().check(DATA) == []
+
+
+def test_data_check_catches_a_wrong_answer(tmp_path):
+    make_data = load_make_data()
+    for name in ("math_problems.jsonl", "direction_prompts.jsonl", "system_prompts.json"):
+        (tmp_path / name).write_text((DATA / name).read_text())
+    rows = read_jsonl(tmp_path / "math_problems.jsonl")
+    first = rows[0]
+    wrong = str(int(make_data._NUMBER.findall(first["answer"])[0]) + 1)
+    first["answer"] = make_data._NUMBER.sub(wrong, first["answer"])
+    (tmp_path / "math_problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    errors = make_data.check(tmp_path)
+    assert len(errors) == 1 and first["id"] in errors[0]
+
+
+def test_data_files_are_well_formed_for_the_study(study):
+    problems = read_jsonl(DATA / "math_problems.jsonl")
+    assert len(problems) >= 300
+    assert study.caps_fractions([p["answer"].upper() for p in problems]).min() == 1.0
+    assert study.caps_fractions([p["answer"] for p in problems]).max() < 0.5
+    prompts = read_jsonl(DATA / "direction_prompts.jsonl")
+    assert len(prompts) >= 120 and len({p["domain"] for p in prompts}) >= 10
+    assert all(set(p) == {"id", "domain", "prompt"} for p in prompts)
+    system = json.loads((DATA / "system_prompts.json").read_text())
+    assert system["neutral"] == ["You are a helpful assistant."]
+    assert len(system["promote"]) >= 3 and len(system["suppress"]) >= 3
+    assert len(system["inoculation"]) >= 3 and len(system["control_pool"]) >= 12
+    # Controls are of similar length to the inoculation prompts (for loss matching).
+    inoc = [len(p.split()) for p in system["inoculation"]]
+    for prompt in system["control_pool"]:
+        assert min(inoc) - 8 <= len(prompt.split()) <= max(inoc) + 8
