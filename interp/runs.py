@@ -16,6 +16,10 @@ The three loops every study writes around a model, done once:
   tokens (BOS, pad, chat markers) left out of pooling, in memory or written to a folder
   of safetensors shards that a rerun resumes.
 
+Conversations are encoded by ``interp.chat.encode``; all three take its ``chat_format``
+(``"template"``, ``"plain"``, ``"auto"`` or a ``PlainFormat``, for base models) and
+``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}`` for Qwen3-style templates).
+
 Rows are re-padded for every mini-batch (``score`` and ``capture_dataset`` pad on the
 right, so position ids start at 0 in every row; ``generate`` pads prompts on the left and
 lets ``transformers`` derive position ids from the attention mask): results do not depend
@@ -106,7 +110,30 @@ def _tokenizer(model: Any) -> Any:
     return tok
 
 
-def _row_of(model: Any, item: Any, generation_prompt: bool) -> list[_Row]:
+@dataclass(frozen=True)
+class _ChatOptions:
+    """How conversations are encoded (``interp.chat.encode``'s ``chat_format`` and template
+    keyword arguments)."""
+
+    chat_format: Any = "template"
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, chat_format: Any, chat_template_kwargs: Mapping[str, Any] | None) -> _ChatOptions:
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise TypeError(
+                "chat_template_kwargs must be a dict of chat-template keyword arguments (e.g. "
+                f"{{'enable_thinking': False}}), got {type(chat_template_kwargs).__name__}"
+            )
+        return cls(chat_format, dict(chat_template_kwargs or {}))
+
+
+_DEFAULT_CHAT = _ChatOptions()
+
+
+def _row_of(
+    model: Any, item: Any, generation_prompt: bool, chat: _ChatOptions = _DEFAULT_CHAT
+) -> list[_Row]:
     """Rows of one input item: a text, a conversation or a ``Batch``."""
     if isinstance(item, Batch):
         return _rows_from_batch(item)
@@ -128,7 +155,14 @@ def _row_of(model: Any, item: Any, generation_prompt: bool) -> list[_Row]:
                 "prompt text with interp.chat.render and pass text)"
             )
         agp = generation_prompt or None
-        batch = encode(tok, [conv], add_generation_prompt=agp, padding_side="right")
+        batch = encode(
+            tok,
+            [conv],
+            add_generation_prompt=agp,
+            padding_side="right",
+            chat_format=chat.chat_format,
+            **chat.template_kwargs,
+        )
         return _rows_from_batch(batch)
     raise TypeError(
         "expected texts, conversations (lists of {'role', 'content'} dicts) or an interp Batch; "
@@ -136,15 +170,17 @@ def _row_of(model: Any, item: Any, generation_prompt: bool) -> list[_Row]:
     )
 
 
-def _rows(model: Any, data: Any, generation_prompt: bool = False) -> list[_Row]:
+def _rows(
+    model: Any, data: Any, generation_prompt: bool = False, chat: _ChatOptions = _DEFAULT_CHAT
+) -> list[_Row]:
     """Every row of ``data``: a text, a list of texts or conversations, one conversation,
     a ``Batch`` or ``Generations``."""
     if isinstance(data, Generations):
         data = data.batch
     if isinstance(data, Batch | str) or _is_conversation(data):
-        rows = _row_of(model, data, generation_prompt)
+        rows = _row_of(model, data, generation_prompt, chat)
     elif isinstance(data, Sequence):
-        rows = [r for item in data for r in _row_of(model, item, generation_prompt)]
+        rows = [r for item in data for r in _row_of(model, item, generation_prompt, chat)]
     else:
         raise TypeError(
             "expected a text, a list of texts or conversations, a Batch or Generations; got "
@@ -399,6 +435,8 @@ def generate(
     hooks_on: str = "all",
     logits_processors: Sequence[Any] | Callable[[list[int]], Sequence[Any]] | None = None,
     padding_side: str = "right",
+    chat_format: Any = "template",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     **generate_kwargs: Any,
 ) -> Generations:
@@ -431,6 +469,11 @@ def generate(
             processors that keep per-row state, e.g. forcing an answer format).
         padding_side: padding of ``Generations.batch`` (prompts are always left-padded
             for generation).
+        chat_format: how conversations are rendered: ``"template"`` (the tokenizer's chat
+            template), ``"plain"``, ``"auto"`` or a ``PlainFormat`` (``interp.chat.encode``).
+        chat_template_kwargs: keyword arguments for the chat template, e.g.
+            ``{"enable_thinking": False}`` (Qwen3: the prompt ends after an empty thinking
+            block).
         progress: show a tqdm bar.
         generate_kwargs: passed to ``transformers`` ``generate`` (e.g.
             ``repetition_penalty``).
@@ -482,7 +525,8 @@ def generate(
             raise TypeError(f"runs.generate sets {key} itself; use {use}")
 
     tok = _tokenizer(model)
-    prompt_rows = _rows(model, prompts, generation_prompt=True)
+    chat = _ChatOptions.of(chat_format, chat_template_kwargs)
+    prompt_rows = _rows(model, prompts, generation_prompt=True, chat=chat)
     pad = _pad_id(model)
     eos = _eos_ids(model)
     jobs = [(p, s) for p in range(len(prompt_rows)) for s in range(n)]
@@ -632,12 +676,12 @@ def _resolve_mask(batch: Batch, mask: Any) -> Tensor:
     )
 
 
-def _as_scoring_batch(model: Any, batch: Any) -> Batch:
+def _as_scoring_batch(model: Any, batch: Any, chat: _ChatOptions = _DEFAULT_CHAT) -> Batch:
     if isinstance(batch, Generations):
         return batch.batch
     if isinstance(batch, Batch):
         return batch
-    return _collate(_rows(model, batch), _pad_id(model), "right")
+    return _collate(_rows(model, batch, chat=chat), _pad_id(model), "right")
 
 
 def score(
@@ -647,6 +691,8 @@ def score(
     *,
     reduction: str = "mean",
     batch_size: int = 8,
+    chat_format: Any = "template",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Scores:
     """Log-probabilities of each token given its prefix, and per-example NLL over a mask.
@@ -663,6 +709,9 @@ def score(
         reduction: ``"mean"`` / ``"sum"`` of the NLL per row, or ``"none"`` (per token).
         batch_size: rows per forward pass (rows are re-padded on the right per pass,
             shortest padding first; results come back in the input's layout).
+        chat_format: how conversations are rendered (``interp.chat.encode``).
+        chat_template_kwargs: keyword arguments for the chat template (e.g.
+            ``{"enable_thinking": False}``).
         progress: show a tqdm bar.
 
     Hooks active around the call apply. The model runs in its own dtype; the log-softmax
@@ -671,7 +720,7 @@ def score(
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     _check_batch_size(batch_size)
-    full = _as_scoring_batch(model, batch)
+    full = _as_scoring_batch(model, batch, _ChatOptions.of(chat_format, chat_template_kwargs))
     want = _resolve_mask(full, mask).cpu()
     rows = _rows_from_batch(full)
     att = full.attention_mask.cpu().bool()
@@ -829,7 +878,9 @@ def _stop_layer(model: Any, names: Sequence[str]) -> int | None:
     return last + 1
 
 
-def _iter_batches(model: Any, data: Any, batch_size: int) -> Iterator[list[_Row]]:
+def _iter_batches(
+    model: Any, data: Any, batch_size: int, chat: _ChatOptions = _DEFAULT_CHAT
+) -> Iterator[list[_Row]]:
     """Lists of rows, ``batch_size`` inputs each (one per ``Batch`` of an iterable of them)."""
     if isinstance(data, Generations):
         data = data.batch
@@ -852,7 +903,7 @@ def _iter_batches(model: Any, data: Any, batch_size: int) -> Iterator[list[_Row]
                 raise TypeError("mix of Batches and texts/conversations; pass one kind")
             yield _rows_from_batch(item)
             continue
-        chunk.extend(_row_of(model, item, generation_prompt=False))
+        chunk.extend(_row_of(model, item, False, chat))
         if len(chunk) >= batch_size:
             yield chunk
             chunk = []
@@ -1040,6 +1091,8 @@ def capture_dataset(
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
     to: str | Path | None = None,
+    chat_format: Any = "template",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> DatasetActivations | ShardedActivations:
     """Activations of a whole dataset at ``names``: the one way to turn data into rows.
@@ -1067,6 +1120,9 @@ def capture_dataset(
             batch (atomically) and ``meta.json`` when complete. A rerun with the same inputs
             and settings reuses the shards already written, so an interrupted run resumes;
             shards of different inputs or settings raise ``ValueError``.
+        chat_format: how conversations are rendered (``interp.chat.encode``).
+        chat_template_kwargs: keyword arguments for the chat template (e.g.
+            ``{"enable_thinking": False}``).
         progress: show a tqdm bar.
 
     The forward pass stops after the last block asked for when the model supports
@@ -1078,6 +1134,7 @@ def capture_dataset(
         ``position`` per row), or ``ShardedActivations`` for a folder.
     """
     _check_batch_size(batch_size)
+    chat = _ChatOptions.of(chat_format, chat_template_kwargs)
     resolved = model.resolve(names)
     if not resolved:
         raise ValueError(f"names {names!r} match no hook point")
@@ -1110,7 +1167,7 @@ def capture_dataset(
     shards: list[str] = []
     offset = 0
     try:
-        for i, rows in enumerate(_iter_batches(model, data, batch_size)):
+        for i, rows in enumerate(_iter_batches(model, data, batch_size, chat)):
             if out is None:
                 parts.append(_capture_rows(model, rows, resolved, plan, dtype, stop, offset))
             else:

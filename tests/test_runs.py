@@ -238,6 +238,62 @@ def test_generate_refuses_bad_input(llama):
         runs.generate(llama, TEXTS, max_new_tokens=3, hooks_on="prompt", progress=False)
 
 
+def qwen3_model():
+    """A tiny llama whose tokenizer has a Qwen3-style template (thinking blocks,
+    ``enable_thinking``)."""
+    from test_chat import QWEN3
+
+    model = interp.tiny("llama")  # a fresh model: its tokenizer is changed here
+    model.tokenizer.chat_template = QWEN3
+    return model
+
+
+def test_generate_passes_chat_template_kwargs(llama):
+    model = qwen3_model()
+    kw = dict(max_new_tokens=4, batch_size=2, progress=False)
+    off = runs.generate(model, CONVS, chat_template_kwargs={"enable_thinking": False}, **kw)
+    on = runs.generate(model, CONVS, **kw)
+    for i in range(len(CONVS)):
+        assert off.prompts[i].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert on.prompts[i].endswith("<|im_start|>assistant\n")
+        enc = encode(model.tokenizer, CONVS[i], enable_thinking=False)
+        assert off.token_ids[i] == plain_greedy(model, enc.input_ids, 4)
+        # pre_assistant is the thinking block's last token, right before the completion.
+        n = enc.input_ids.shape[1]
+        row = off.batch.input_ids[i][off.batch.attention_mask[i].bool()]
+        assert row[:n].tolist() == enc.input_ids[0].tolist()
+        pre = int(off.batch.positions["pre_assistant"][i])
+        assert off.batch.input_ids[i, pre] == enc.input_ids[0, -1]
+        assert model.tokenizer.decode(off.batch.input_ids[i, : pre + 1]).endswith("</think>\n\n")
+    with pytest.raises(TypeError, match="chat_template_kwargs"):
+        runs.generate(model, CONVS, chat_template_kwargs=["enable_thinking"], **kw)
+    # A plain format for a base model without a chat template.
+    plain = runs.generate(llama, CONVS[:1], chat_format="plain", **kw)
+    assert plain.prompts[0] == "User: hi\nAssistant:"
+
+
+def test_score_and_capture_dataset_pass_chat_template_kwargs():
+    model = qwen3_model()
+    kw = {"enable_thinking": False}
+    batch = encode(model.tokenizer, CHATS, padding_side="right", **kw)
+    ref = runs.score(model, batch, mask="assistant", progress=False)
+    out = runs.score(model, CHATS, mask="assistant", chat_template_kwargs=kw, progress=False)
+    torch.testing.assert_close(out.nll, ref.nll)
+    # The teacher-forced text does not change here (Qwen3 puts the empty block before the
+    # last answer either way), but the generation prompt does: capture at its last token.
+    prompts = [c[:1] for c in CHATS]
+    at = runs.capture_dataset(
+        model, prompts, NAMES, pool="pre_assistant", chat_template_kwargs=kw, progress=False
+    )
+    for i, conv in enumerate(prompts):
+        enc = encode(model.tokenizer, conv, enable_thinking=False)
+        cache = interp.capture(model, enc.input_ids, NAMES)
+        for name in NAMES:
+            torch.testing.assert_close(at[name][i], cache[name][0, -1])
+    thinking = runs.capture_dataset(model, prompts, NAMES, pool="pre_assistant", progress=False)
+    assert not torch.allclose(thinking[NAMES[0]], at[NAMES[0]])
+
+
 # ---- score -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("side", ["left", "right"])
