@@ -229,6 +229,11 @@ def capture_group(model, args, layer: int, sync) -> dict:
     block = model._layers[layer]
     specials = runs.special_ids(tok)
 
+    padded = sum(
+        len(texts[s : s + bs]) * max(len(tok(t)["input_ids"]) for t in texts[s : s + bs])
+        for s in range(0, len(texts), bs)
+    )
+
     def plain(stop: bool = False):
         out = []
         for s in range(0, len(texts), bs):
@@ -267,6 +272,7 @@ def capture_group(model, args, layer: int, sync) -> dict:
     check = {
         "texts": len(texts),
         "tokens": int(ref.shape[0]),
+        "padded_tokens_forwarded": padded,
         "rows_equal": tuple(ref.shape) == tuple(mine.shape),
         "max_abs_diff": float((ref - mine).abs().max()) if ref.shape == mine.shape else None,
     }
@@ -451,7 +457,12 @@ def main(argv=None) -> dict:
         )
     if "capture" in payload:
         d = payload["capture"]
-        notes.append(f"capture_dataset: {d['texts']} texts, `{d['hook']}`; checks {d['check']}.")
+        notes.append(
+            f"capture_dataset: {d['texts']} texts, `{d['hook']}`; checks {d['check']}. The "
+            "plain loops and capture_dataset forward right-padded batches in input order "
+            "(`padded_tokens_forwarded`); SAELens's store packs the texts into full windows "
+            "(texts share a window's context; the last partial batch of windows is dropped)."
+        )
     if "score" in payload:
         notes.append(f"score: checks {payload['score']['check']}.")
     notes.append(harness.load_line(machine))
