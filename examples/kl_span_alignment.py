@@ -23,15 +23,17 @@ Pipeline (every step is timed in ``report.json``):
    an answer line, "\\nAnswer:" is forced inside the same ``generate`` call and the
    model writes the answer line, as in zero-shot CoT's answer-extraction
    stage); the choice is parsed from the letter or the
-   option text; reasoning sentences are flagged by ``interp.spans.LexiconDetector``;
+   option text; reasoning sentences are flagged by ``interp.spans.LexiconDetector`` with
+   the study's lexicon (``examples/bias_detectors.py``);
    pairs = flagged reasoning + correct-or-unknown answer (fallbacks are reported);
 3. baseline: the same generation on held-out items;
 4. train: LoRA on the later layers with ``KLSpanLoss`` (s = flagged sentences'
    tokens, o = the answer line's tokens);
 5. tuned: generation on the held-out items again;
-6. judge: every reasoning sentence of both runs scored by a fixed judge (the
-   base model with the adapter disabled, P(Yes) to "does this rely on a
-   stereotype?"), for a per-sentence score distribution;
+6. judge: every reasoning sentence of both runs scored by a fixed judge
+   (``interp.judges.YesNoJudge``: the base model with the adapter disabled,
+   P(Yes) / (P(Yes) + P(No)) to "does this rely on a stereotype?"), for a
+   per-sentence score distribution;
 7. stats: accuracy per context, BBQ bias scores, flagged-sentence fraction,
    judge scores, the KL objective on held-out pairs — base, tuned, and paired
    bootstrap intervals on every difference; plots.
@@ -55,6 +57,7 @@ from typing import Any
 
 import _common  # first: sets thread env vars before torch loads
 import bbq
+import bias_detectors
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -160,6 +163,13 @@ def build_parser():
         choices=("question", "full"),
         default="question",
         help="what the judge sees besides the sentence",
+    )
+    p.add_argument(
+        "--judge-min-mass",
+        type=float,
+        default=0.0,
+        help="sentences where the judge puts less than this on Yes/No are reported as "
+        "malformed and left unscored (default 0: score all; the mass is reported)",
     )
     p.add_argument("--n-boot", type=int, help="bootstrap resamples (quick 500, default 2000)")
     return p
@@ -473,7 +483,9 @@ GROUP_TERMS = re.compile(
     + "|".join(
         r"\s+".join(map(re.escape, t.lower().split()))
         for t in sorted(
-            {g for cat in sp.DEFAULT_LEXICON.values() for g in cat.groups}, key=len, reverse=True
+            {g for cat in bias_detectors.LEXICON.values() for g in cat.groups},
+            key=len,
+            reverse=True,
         )
     )
     + r")(?:s|es)?(?![\w'])",
@@ -656,49 +668,6 @@ def run_training(model, examples, settings, out: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ judge
 
 
-@torch.no_grad()
-def judge_scores(model: Any, prompts: Sequence[str], batch_size: int = 16) -> list[float]:
-    """``interp.spans.judge_score_fn``'s score, P(Yes) / (P(Yes) + P(No)) at the first
-    answer token, computed for many prompts per forward pass (left padding with
-    matching position ids, so each row scores as it would alone)."""
-    tok = model.tokenizer
-    module = model.model
-    device = next(module.parameters()).device
-    yes_id = tok.encode("Yes", add_special_tokens=False)[0]
-    no_id = tok.encode("No", add_special_tokens=False)[0]
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        if getattr(tok, "chat_template", None)
-        else p
-        for p in prompts
-    ]
-    out: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(
-            texts[i : i + batch_size],
-            add_special_tokens=not getattr(tok, "chat_template", None),
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        ).to(device)
-        mask = enc["attention_mask"]
-        logits = (
-            module(
-                input_ids=enc["input_ids"],
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=False,
-            )
-            .logits[:, -1]
-            .float()
-        )
-        pair = torch.log_softmax(logits, -1)[:, [yes_id, no_id]]
-        out += torch.softmax(pair, -1)[:, 0].tolist()
-    return out
-
-
 def judge(
     model: Any,
     items: Sequence[bbq.BBQItem],
@@ -706,30 +675,47 @@ def judge(
     peft_model: Any,
     batch_size: int,
     context: str = "question",
-) -> None:
-    """Add ``judge_score`` to every sentence, judged by the *base* model (adapter disabled)
-    with ``interp.spans.JUDGE_TEMPLATE``; its ``{context}`` is the item's question, or
-    context and question with ``context="full"`` (longer prompts, slower)."""
+    min_mass: float = 0.0,
+) -> dict[str, Any]:
+    """Add ``judge_score`` (None unless the judge's status is "ok"), ``judge_status`` and
+    ``judge_mass`` (P(Yes) + P(No)) to every sentence, judged by the *base* model (adapter
+    disabled) with ``bias_detectors.JUDGE_TEMPLATE``; its ``{context}`` is the item's
+    question, or context and question with ``context="full"`` (longer prompts, slower).
+    Returns the status counts and the mass distribution."""
 
-    def prompt(it: bbq.BBQItem, sentence: str) -> str:
+    def fields(it: bbq.BBQItem, sentence: str) -> tuple[str, str]:
         ctx = it.question if context == "question" else f"{it.context} {it.question}"
-        return sp.JUDGE_TEMPLATE.format(sentence=sentence, context=ctx)
+        return ctx, sentence
 
-    off = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
     jobs = [
-        (s, prompt(it, s["text"]))
+        (s, fields(it, s["text"]))
         for analyses in analyses_by_model.values()
         for it, a in zip(items, analyses, strict=True)
         for s in a["sentences"]
     ]
-    unique = sorted({p for _, p in jobs}, key=len)  # similar lengths per batch, no repeats
-    chunks = [unique[i : i + 4 * batch_size] for i in range(0, len(unique), 4 * batch_size)]
-    scores: dict[str, float] = {}
+    unique = sorted({key for _, key in jobs})  # no repeats; the judge batches by length
+    if not unique:
+        return {"n_judged": 0, "status": {}, "mass": _describe([])}
+    off = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
+    yes_no = bias_detectors.judge(model, min_mass=min_mass)
     with off:
-        for chunk in _common.progress(chunks, desc="judge"):
-            scores.update(zip(chunk, judge_scores(model, chunk, batch_size), strict=True))
-    for s, p in jobs:
-        s["judge_score"] = scores[p]
+        result = yes_no([{"context": c, "sentence": t} for c, t in unique], batch_size=batch_size)
+    index = {key: i for i, key in enumerate(unique)}
+    for s, key in jobs:
+        i = index[key]
+        ok = result.status[i] == "ok"
+        s["judge_score"] = float(result.scores[i]) if ok else None
+        s["judge_status"] = result.status[i]
+        mass = float(result.mass[i])
+        s["judge_mass"] = mass if math.isfinite(mass) else None
+    masses = [float(m) for m in result.mass if math.isfinite(float(m))]
+    return {
+        "n_judged": len(unique),
+        "min_mass": min_mass,
+        "status": result.counts(),
+        "mass": _describe(masses),
+        "token_ids": {k: len(v) for k, v in yes_no.token_ids.items()},
+    }
 
 
 # ------------------------------------------------------------------ statistics
@@ -759,13 +745,16 @@ def _vectors(analyses: Sequence[dict[str, Any]], judged: bool) -> dict[str, torc
         "group_reasoning": t([_count_sent(a, "names_group", True) for a in analyses]),
         "flagged_reasoning": t([_count_sent(a, "flagged", True) for a in analyses]),
         "reasoning_chars": t([a.get("reasoning_chars", 0) for a in analyses]),
-        "judge_sum": t(
-            [
-                sum(s.get("judge_score", 0.0) for s in a["sentences"]) if judged else 0.0
-                for a in analyses
-            ]
+        "judge_sum": t([_judge_sum(a) if judged else 0.0 for a in analyses]),
+        "judged": t(
+            [sum(s.get("judge_score") is not None for s in a["sentences"]) for a in analyses]
         ),
     }
+
+
+def _judge_sum(a: dict[str, Any]) -> float:
+    """Sum of the judge's scores over a response's sentences it scored."""
+    return sum(s["judge_score"] for s in a["sentences"] if s.get("judge_score") is not None)
 
 
 def _count_sent(a: dict[str, Any], key: str, skip_echo: bool = False) -> int:
@@ -812,7 +801,7 @@ METRICS: dict[str, tuple[str, Callable[[dict[str, torch.Tensor]], float]]] = {
     "option_echo_fraction": ("all", lambda v: _ratio(v["option_echo"], v["sentences"])),
     "mean_sentences": ("all", lambda v: float(v["sentences"].mean())),
     "mean_reasoning_chars": ("all", lambda v: float(v["reasoning_chars"].mean())),
-    "mean_judge_score": ("all", lambda v: _ratio(v["judge_sum"], v["sentences"])),
+    "mean_judge_score": ("all", lambda v: _ratio(v["judge_sum"], v["judged"])),
 }
 
 
@@ -906,7 +895,7 @@ def per_category(base, tuned, n_boot: int, seed: int) -> dict[str, Any]:
 
 
 def sentence_scores(analyses: Sequence[dict[str, Any]], key: str) -> list[float]:
-    return [s[key] for a in analyses for s in a["sentences"] if key in s]
+    return [s[key] for a in analyses for s in a["sentences"] if s.get(key) is not None]
 
 
 # ------------------------------------------------------------------ plots
@@ -1096,7 +1085,7 @@ def _run(args, settings: dict[str, Any], report: _common.Report, out: Path) -> N
             "prefill": prefill,
         }
 
-    detector = sp.LexiconDetector()
+    detector = bias_detectors.lexicon_detector()
     with report.step("mine"):
         mined = evaluate(model, mine_items, settings, prefill, detector, "mine")
         write_jsonl(out / "responses_mine.jsonl", mined)
@@ -1156,7 +1145,15 @@ def _run(args, settings: dict[str, Any], report: _common.Report, out: Path) -> N
     if judged:
         with report.step("judge"):
             runs = {"base": base} | ({"tuned": tuned} if tuned is not None else {})
-            judge(model, eval_items, runs, peft_model, 2 * args.batch_size, args.judge_context)
+            report["judge"] = judge(
+                model,
+                eval_items,
+                runs,
+                peft_model,
+                2 * args.batch_size,
+                args.judge_context,
+                args.judge_min_mass,
+            )
             write_jsonl(out / "responses_base.jsonl", base)
             if tuned is not None:
                 write_jsonl(out / "responses_tuned.jsonl", tuned)

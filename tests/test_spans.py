@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,14 +11,12 @@ from hypothesis import strategies as st
 
 from interp.families import byte_tokenizer
 from interp.spans import (
-    DEFAULT_LEXICON,
     CharSpan,
     JudgeDetector,
     LexiconCategory,
     LexiconDetector,
     SpanRules,
     find_response_spans,
-    judge_score_fn,
     mark_biased,
     split_sentences,
     token_mask,
@@ -122,103 +122,152 @@ def test_sentences_partition_the_non_whitespace(text, data):
 
 # ---------------------------------------------------------------- detectors
 
+# A made-up lexicon: the library holds none (a study brings its own).
+LEXICON = {
+    "height": LexiconCategory(("tall person", "short person"), ("clumsy", "bossy")),
+    "job": LexiconCategory(("nurse", "pilot"), ("careless", "arrogant", "can't land")),
+}
+CUES = (r"\bnot necessarily\b", r"\bstereotyp\w*")
+
 
 @pytest.mark.parametrize(
-    ("sentence", "category"),
+    ("sentence", "category", "evidence"),
     [
-        ("The older man is probably forgetful with the new phone.", "age"),
-        ("Teenagers are irresponsible, so the teen broke it.", "age"),
-        ("The woman was likely too emotional to lead.", "gender"),
-        ("The Muslim neighbor must be the extremist.", "religion"),
-        ("The immigrant is probably a criminal.", "nationality"),
-        ("The deaf applicant would be a burden to the team.", "disability"),
-        ("The man in a wheelchair can’t hold a job.", "disability"),
+        ("The tall person is clumsy.", "height", ("tall person", "clumsy")),
+        ("Short  persons are BOSSY.", "height", ("Short  persons", "BOSSY")),  # plural, case
+        ("The nurses were careless.", "job", ("nurses", "careless")),
+        ("The pilot can’t land.", "job", ("pilot", "can't land")),  # curly apostrophe
     ],
 )
-def test_lexicon_flags_group_with_attribute(sentence, category):
-    (d,) = LexiconDetector()([sentence])
-    assert d.biased and d.score == 1.0 and d.category == category
-    assert len(d.evidence) == 2
+def test_lexicon_flags_a_group_with_an_attribute_of_its_category(sentence, category, evidence):
+    (d,) = LexiconDetector(LEXICON)([sentence])
+    assert d.biased and d.score == 1.0 and d.category == category and d.status == "ok"
+    assert d.evidence == evidence
 
 
 @pytest.mark.parametrize(
     "sentence",
     [
-        "The older man arrived at noon.",  # group without attribute
-        "Someone was forgetful today.",  # attribute without group
-        "The teen's manager was slow to reply.",  # "man" inside a word is no group
-        "Menus were slow.",
+        "The tall person arrived at noon.",  # group without attribute
+        "Someone was clumsy today.",  # attribute without group
+        "The nurse was bossy.",  # attribute of another category
+        "The pilots' nursery was careless.",  # "nurse" inside a word is no group
     ],
 )
-def test_lexicon_leaves_neutral_sentences(sentence):
-    (d,) = LexiconDetector()([sentence])
+def test_lexicon_leaves_other_sentences(sentence):
+    (d,) = LexiconDetector(LEXICON)([sentence])
     assert not d.biased and d.score == 0.0 and d.category is None
 
 
-@pytest.mark.parametrize(
-    "sentence",
-    [
-        "We should not assume the older man is forgetful.",
-        "Saying the woman is emotional relies on a stereotype.",
-        "There is not enough information to say whether the immigrant is a criminal.",
-    ],
-)
-def test_lexicon_counter_cues_unflag_rejected_stereotypes(sentence):
-    (d,) = LexiconDetector()([sentence])
-    assert not d.biased and d.score == 0.5 and len(d.evidence) == 3
-    (raw,) = LexiconDetector(counter_cues=())([sentence])
+def test_lexicon_counter_cues_unflag_and_are_off_by_default():
+    sentence = "A nurse is not necessarily careless."
+    (d,) = LexiconDetector(LEXICON, counter_cues=CUES)([sentence])
+    assert (
+        not d.biased and d.score == 0.5 and d.evidence == ("nurse", "careless", "not necessarily")
+    )
+    (raw,) = LexiconDetector(LEXICON)([sentence])
     assert raw.biased
 
 
-def test_lexicon_covers_five_categories_and_accepts_custom_lexicons():
-    assert set(DEFAULT_LEXICON) == {"age", "gender", "religion", "nationality", "disability"}
-    custom = LexiconDetector({"height": LexiconCategory(("tall person",), ("clumsy",))})
-    assert custom(["A tall person is clumsy."])[0].category == "height"
-    assert not custom(["The older man is forgetful."])[0].biased
+def test_lexicon_is_an_argument_and_is_validated():
+    with pytest.raises(TypeError):
+        LexiconDetector()  # no built-in lexicon
+    with pytest.raises(ValueError, match="empty"):
+        LexiconDetector({})
+    with pytest.raises(TypeError, match="LexiconCategory"):
+        LexiconDetector({"x": (("a",), ("b",))})
+    with pytest.raises(TypeError, match="one string"):
+        LexiconDetector(LEXICON, counter_cues=r"\bnot\b")
     with pytest.raises(ValueError, match="at least one"):
         LexiconCategory((), ("x",))
 
 
-def test_judge_detector_formats_prompt_and_thresholds():
-    seen = []
+class FakeJudge:
+    """A judge by the interp.judges interface: scores from a function of the filled item."""
 
-    def score(prompt):
-        seen.append(prompt)
-        return 0.9 if "nurses" in prompt else 0.1
+    def __init__(self, score, status=None):
+        self.score, self.status, self.calls = score, status, []
 
-    judge = JudgeDetector(score, template="Q: {context} S: {sentence}", context="who?")
-    out = judge(["All nurses are women.", "It rained."])
+    def __call__(self, items, *, batch_size=8, progress=True):
+        from interp.judges import JudgeResult
+
+        self.calls.append((list(items), batch_size))
+        n = len(items)
+        status = tuple(self.status(it) if self.status else "ok" for it in items)
+        scores = torch.tensor([self.score(it) for it in items], dtype=torch.float32)
+        scores = torch.where(torch.tensor([s == "ok" for s in status]), scores, float("nan"))
+        return JudgeResult(
+            scores=scores,
+            status=status,
+            readout=torch.stack([scores, 1 - scores], 1),
+            options=("yes", "no"),
+            mass=torch.ones(n),
+            inputs=tuple(f"Q: {it['context']} S: {it['sentence']}" for it in items),
+        )
+
+
+def test_judge_detector_passes_sentences_and_context_and_thresholds():
+    judge = FakeJudge(lambda it: 0.9 if "nurses" in it["sentence"] else 0.1)
+    detect = JudgeDetector(judge, context="who?", batch_size=3)
+    out = detect(["All nurses are careless.", "It rained."])
     assert [d.biased for d in out] == [True, False]
-    assert seen[0] == "Q: who? S: All nurses are women."
-    with pytest.raises(ValueError, match="probability"):
-        JudgeDetector(lambda p: 3.0)(["x"])
-    with pytest.raises(ValueError, match="sentence"):
-        JudgeDetector(score, template="no field")
+    assert [d.score for d in out] == pytest.approx([0.9, 0.1])
+    assert out[0].evidence == ("Q: who? S: All nurses are careless.",)
+    ((items, batch_size),) = judge.calls
+    assert items[0] == {"sentence": "All nurses are careless.", "text": "All nurses are careless.",
+                        "context": "who?"}  # fmt: skip
+    assert batch_size == 3
+    assert detect([]) == [] and len(judge.calls) == 1  # nothing to judge: no call
+    assert not JudgeDetector(judge, threshold=0.95)(["All nurses are careless."])[0].biased
 
 
-def test_judge_score_fn_on_a_tiny_model_is_a_probability():
-    from interp.families import tiny_hf
+def test_judge_detector_reports_unscored_sentences_and_refuses_non_probabilities():
+    judge = FakeJudge(
+        lambda it: 0.9, status=lambda it: "malformed" if "?" in it["sentence"] else "ok"
+    )
+    ok, bad = JudgeDetector(judge)(["Nurses are careless.", "Who knows?"])
+    assert ok.biased and ok.status == "ok"
+    assert not bad.biased and bad.status == "malformed" and math.isnan(bad.score)
+    with pytest.raises(ValueError, match="probabilities"):
+        JudgeDetector(FakeJudge(lambda it: 3.0))(["x"])
+    with pytest.raises(ValueError, match="threshold"):
+        JudgeDetector(judge, threshold=1.5)
+    with pytest.raises(TypeError, match="judge"):
+        JudgeDetector("Is this biased? {sentence}")
 
-    model, tok = tiny_hf("llama", seed=0)
-    score = judge_score_fn(model, tok)
-    a, b = score("Is this biased?"), score("Something else entirely")
-    assert 0.0 < a < 1.0 and 0.0 < b < 1.0 and a != b
-    with pytest.raises(ValueError, match="same token"):
-        judge_score_fn(model, tok, yes=" yes", no=" no")
+
+def test_judge_detector_with_a_yes_no_judge_on_a_tiny_model():
+    import interp
+    from interp.judges import YesNoJudge
+
+    model = interp.tiny("llama", seed=0)
+    template = "Context: {context}\nSentence: {sentence}\nIs it biased? Answer Yes or No."
+    judge = YesNoJudge(model, template, min_mass=0.0)
+    sentences = ["The tall person is clumsy.", "It rained.", "A much longer sentence " * 4]
+    out = JudgeDetector(judge, context="Who fell?", batch_size=2)(sentences)
+    items = [{"sentence": s, "context": "Who fell?"} for s in sentences]
+    ref = judge(items, batch_size=1, progress=False)
+    assert [d.score for d in out] == pytest.approx(ref.scores.tolist(), abs=1e-5)
+    assert all(0.0 < d.score < 1.0 and d.status == "ok" for d in out)
+    assert [d.evidence[0] for d in out] == list(ref.inputs)
+    # The same judge with a mass threshold a random model cannot reach: nothing is scored.
+    strict = JudgeDetector(YesNoJudge(model, template, min_mass=0.99))(sentences)
+    assert all(d.status == "malformed" and not d.biased for d in strict)
 
 
 def test_mark_biased_runs_on_the_reasoning_only():
-    text = (
-        "<think>The older man is forgetful. The weather is nice.</think>The older man is forgetful."
-    )
-    marks = mark_biased(text)
+    detector = LexiconDetector(LEXICON)
+    text = "<think>The tall person is clumsy. The weather is nice.</think>The nurse is careless."
+    marks = mark_biased(text, detector)
     assert [m.detection.biased for m in marks] == [True, False]
-    assert marks[0].sentence.text == "The older man is forgetful."
+    assert marks[0].sentence.text == "The tall person is clumsy."
     assert marks[0].sentence.start == len("<think>")
-    whole = mark_biased("The woman is emotional. Fine.")
+    whole = mark_biased("The pilot is arrogant. Fine.", detector)
     assert [m.detection.biased for m in whole] == [True, False]
     with pytest.raises(ValueError, match="detections"):
         mark_biased(text, lambda sents: [])
+    with pytest.raises(TypeError, match="detector"):
+        mark_biased(text, None)
 
 
 # ---------------------------------------------------------------- tokens
