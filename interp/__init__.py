@@ -19,6 +19,7 @@ _SUBMODULES = {
     "alignment",
     "cache",
     "chat",
+    "checkpointing",
     "data",
     "directions",
     "families",

@@ -114,10 +114,20 @@ def byte_tokenizer():
     return tok
 
 
-def tiny_hf(family: str, seed: int = 0, **overrides: Any):
-    """The raw ``transformers`` model and tokenizer of a tiny random ``family`` model."""
+def tiny_hf(family: str, seed: int = 0, *, dtype: Any = None, **overrides: Any):
+    """The raw ``transformers`` model and tokenizer of a tiny random ``family`` model.
+
+    ``dtype`` (a ``torch.dtype`` or a name as in ``interp.load``; default float32): the
+    weights are drawn in float32 from ``seed`` and then cast, so a bf16 tiny model is the
+    float32 one rounded.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from interp.models import parse_dtype
+
+    dtype = parse_dtype(dtype)
+    if dtype == "auto":
+        dtype = None  # built in float32: that is its own dtype
     if family not in _FAMILY_KWARGS:
         raise ValueError(f"unknown family {family!r}; interp.tiny supports: {', '.join(FAMILIES)}")
     tok = byte_tokenizer()
@@ -139,13 +149,17 @@ def tiny_hf(family: str, seed: int = 0, **overrides: Any):
             if bias is not None:
                 with torch.no_grad():
                     bias.normal_(0.0, 0.5)
+    if dtype is not None and dtype != torch.float32:
+        model.to(dtype)  # asked for: the one cast, at construction
+        model.config.dtype = dtype
     model.eval()
     return model, tok
 
 
-def tiny(family: str, seed: int = 0, **overrides: Any):
-    """A small random ``HookedModel`` of ``family`` (see ``FAMILIES``), built offline."""
+def tiny(family: str, seed: int = 0, *, dtype: Any = None, **overrides: Any):
+    """A small random ``HookedModel`` of ``family`` (see ``FAMILIES``), built offline;
+    ``dtype`` as in ``tiny_hf`` (``"bfloat16"``, ``torch.float16`` …)."""
     from interp.adapters.hf import HFHookedModel
 
-    model, tok = tiny_hf(family, seed=seed, **overrides)
+    model, tok = tiny_hf(family, seed=seed, dtype=dtype, **overrides)
     return HFHookedModel(model, tok)

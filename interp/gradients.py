@@ -7,6 +7,12 @@ way; so no parameter ``.grad`` is ever written, whether or not the weights
 require grad. When ``loss_fn`` returns one loss per example, their sum is
 differentiated: rows of a batch do not interact, so each row's gradient is
 the gradient of its own loss.
+
+``gradient_checkpointing=True`` recomputes each block's internals during the backward
+pass instead of keeping them (``interp.checkpointing``), for the call only: the
+gradients are the same, activation memory is one block's. Forward hooks inside a block
+run again during the recomputation (interventions must re-apply to reproduce the
+forward pass); the activations returned are those of the forward pass.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.cache import ActivationCache
+from interp.checkpointing import checkpointing, is_recomputing
 from interp.hooks import HookPoint
 from interp.positions import Batch, as_batch, running, selector
 
@@ -53,12 +60,16 @@ def capture_grads(
     *,
     return_activations: bool = False,
     dtype: torch.dtype | None = None,
+    gradient_checkpointing: bool = False,
     **forward_kwargs: Any,
 ) -> GradientCapture:
     """Gradients of ``loss_fn(logits, batch)`` w.r.t. the activations at ``names``.
 
     ``loss_fn`` returns a scalar, or ``[batch]`` per-example losses (summed for the
-    backward pass, returned as they are). ``positions`` as in ``capture``.
+    backward pass, returned as they are). ``positions`` as in ``capture``. ``dtype``
+    converts the stored gradients and activations (default: the model's activation
+    dtype; nothing is upcast). ``gradient_checkpointing=True`` checkpoints every block
+    for this call (see the module docstring); the model is left as it was.
     """
     refused = sorted(set(forward_kwargs) & {"return_type", "stop_at_layer", "loss_per_token"})
     if refused:
@@ -83,6 +94,8 @@ def capture_grads(
         grads[hook.name] = g.to(dtype) if dtype is not None else g
 
     def keep_act(tensor: Tensor, hook: HookPoint) -> None:
+        if is_recomputing():  # the same values again, from the backward pass
+            return
         a = sel.select(tensor.detach(), hook.name)
         acts[hook.name] = a.to(dtype) if dtype is not None else a
 
@@ -90,7 +103,12 @@ def capture_grads(
     if return_activations:
         fwd += [(n, keep_act) for n in resolved]
     bwd = [(n, keep_grad) for n in resolved]
-    with torch.enable_grad(), running(batch), model.hooks(fwd=fwd, bwd=bwd):
+    with (
+        torch.enable_grad(),
+        running(batch),
+        model.hooks(fwd=fwd, bwd=bwd),
+        checkpointing(model, gradient_checkpointing),
+    ):
         logits = model.forward(batch.input_ids, batch.attention_mask, **forward_kwargs)
         loss = loss_fn(logits, batch)
         if not isinstance(loss, Tensor) or not loss.requires_grad:

@@ -27,7 +27,7 @@ from torch import nn
 
 from interp.hooks import HookedModelBase
 
-__all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "load"]
+__all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "load", "parse_dtype"]
 
 EMBEDDED = {
     "smollm2-135m-instruct": {
@@ -96,6 +96,43 @@ def _convert_embedded(name: str, target: Path) -> None:
         raise
 
 
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | str | None:
+    """``None``, ``"auto"`` or a ``torch.dtype`` from a dtype or its name.
+
+    Names: ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``
+    (also ``"torch.bfloat16"``); ``"auto"`` means the checkpoint's own dtype. Anything
+    else raises ``ValueError`` listing what is accepted.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise ValueError(
+                f"dtype must be a floating-point dtype (e.g. torch.bfloat16, 'bf16'), got {dtype}"
+            )
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key == "auto":
+            return "auto"
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(
+        f"unknown dtype {dtype!r}; pass a torch.dtype, 'auto' (the checkpoint's own) or one "
+        f"of: {', '.join(_DTYPES)}"
+    )
+
+
 def _load_pretrained(
     path: str | Path, dtype: Any, device: Any, device_map: Any, **kwargs: Any
 ) -> HookedModelBase:
@@ -105,10 +142,10 @@ def _load_pretrained(
 
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
+    # None keeps interp's documented default (float32), whatever transformers' default is.
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, device_map=device_map, **kwargs
+        path, dtype=torch.float32 if dtype is None else dtype, device_map=device_map, **kwargs
     )
     if device is not None:
         model.to(device)
@@ -117,6 +154,19 @@ def _load_pretrained(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return HFHookedModel(model, tok)
+
+
+def _check_object_dtype(model: Any, dtype: torch.dtype | str | None) -> None:
+    if dtype is None or dtype == "auto":
+        return
+    module = model.model if isinstance(model, HookedModelBase) else model
+    held = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if held and held != {dtype}:
+        found = ", ".join(sorted(str(d) for d in held))
+        raise ValueError(
+            f"interp.load wraps a model object as it is, and this one holds {found}, not "
+            f"{dtype}; convert it first (model.to({dtype})) or drop dtype="
+        )
 
 
 def load(
@@ -135,11 +185,23 @@ def load(
             MoEfied, see ``interp.moefy``; takes ``top_k=``), a local path, a hub id, or a
             model object (``transformers`` / PEFT / ``HookedTransformer`` / ``TransformerBridge``).
         tokenizer: the tokenizer for a model object (ignored for names and paths).
-        dtype, device, device_map: as in ``transformers`` (``device_map`` needs accelerate).
+        dtype: ``None`` (float32), ``"auto"`` (the checkpoint's own dtype, passed to
+            ``from_pretrained`` as ``dtype="auto"``), a ``torch.dtype`` or a name
+            (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``, ``"float32"``); anything
+            else raises ``ValueError``. The embedded models are cached as float32
+            safetensors (dequantized from their GGUF file), so ``"auto"`` gives float32
+            there. A model object keeps its own dtype: ``dtype`` may only name it
+            (or be ``"auto"``); convert the object yourself to change it.
+        device, device_map: as in ``transformers`` (``device_map`` needs accelerate);
+            ``device`` moves a model object there. Nothing else ever moves or casts the
+            model.
     """
     from interp.adapters.hf import HFHookedModel, unwrap
     from interp.adapters.tl import TLHookedModel, is_other_transformer_lens, is_transformer_lens
 
+    dtype = parse_dtype(dtype)
+    if isinstance(model, HookedModelBase | nn.Module):
+        _check_object_dtype(model, dtype)
     if isinstance(model, HookedModelBase):
         return model
     if isinstance(model, nn.Module):

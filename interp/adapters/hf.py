@@ -228,6 +228,10 @@ class HFHookedModel(LensMixin, HookedModelBase):
         ):
             return self.model.generate(*args, **kwargs)
 
+    def _checkpoint_blocks(self) -> list[nn.Module]:
+        """The decoder layers, for ``interp.checkpointing``."""
+        return list(self._layers)
+
     # -- hooks -----------------------------------------------------------------
     def _module_names(self) -> list[str]:
         """``<path>.hook_in`` / ``<path>.hook_out`` of every submodule: names that resolve
@@ -272,7 +276,11 @@ class HFHookedModel(LensMixin, HookedModelBase):
             stash["resid"] = args[0] if args else kwargs["hidden_states"]
 
         def post(_mod, _args, output):
-            resid = stash.pop("resid")
+            # Read, not popped: under gradient checkpointing (interp.checkpointing) the
+            # backward pass re-runs the attention inside the block, and this hook with it,
+            # while the block's own pre-hook (outside the checkpoint) ran once; the block
+            # is recomputed from the very input tensor stashed here.
+            resid = stash["resid"]
             attn = _first(output)
             mid = resid + attn  # the sum the model itself computes next
             new = call(mid)  # an in-place edit of mid comes back as mid itself

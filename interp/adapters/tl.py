@@ -147,6 +147,10 @@ class TLHookedModel(LensMixin, HookedModelBase):
         out = self.model(input_ids, **kw)
         return out.logits if hasattr(out, "logits") else out
 
+    def _checkpoint_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, for ``interp.checkpointing``."""
+        return list(self.model.blocks)
+
     def _backend_kwargs(self) -> tuple[str, ...]:
         known = self.__dict__.get("_backend_kw")
         if known is None:

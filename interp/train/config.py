@@ -39,6 +39,11 @@ class TrainConfig:
             steps (and after the last); 0 = never.
         save_every: write a checkpoint every this many optimizer steps (and
             after the last) when a checkpoint directory is given.
+        gradient_checkpointing: recompute each decoder block's activations in the
+            backward pass instead of keeping them (``interp.checkpointing``), for the
+            training steps only: the same gradients for about one more forward pass of
+            compute; activation memory falls to about one block's. The model is left as
+            it was; resuming may switch it on or off.
     """
 
     r: int = 8
@@ -59,6 +64,7 @@ class TrainConfig:
     target_modules: tuple[str, ...] | None = None
     eval_every: int = 0
     save_every: int = 50
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists from JSON/YAML configs but store tuples (hashable, frozen).

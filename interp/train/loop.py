@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from interp.cache import atomic_write
+from interp.checkpointing import checkpointing
 from interp.train.config import TrainConfig
 from interp.train.data import collate, prepare
 from interp.train.lora import _is_peft, apply_lora, resolve_model
@@ -77,8 +78,9 @@ def cosine_with_warmup(
 def _fingerprint(
     config: TrainConfig, n_examples: int, params: Sequence[tuple[str, torch.Tensor]]
 ) -> dict[str, Any]:
-    # Fields that change the trajectory; eval/save cadence does not.
-    cfg = {k: v for k, v in config.as_dict().items() if k not in ("eval_every", "save_every")}
+    # Fields that change the trajectory; eval/save cadence and checkpointing do not.
+    cadence = ("eval_every", "save_every", "gradient_checkpointing")
+    cfg = {k: v for k, v in config.as_dict().items() if k not in cadence}
     return {
         "config": cfg,
         "n_examples": n_examples,
@@ -224,22 +226,23 @@ def train(
                     for rows in group:
                         batch = collate([items[i] for i in rows], pad_id)
                         batch = {k: v.to(device) for k, v in batch.items()}
-                        logits = peft_model(
-                            input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                            use_cache=False,
-                        ).logits
-                        loss = loss_fn(logits, batch)
-                        if loss.ndim != 0:
-                            raise ValueError(
-                                f"loss_fn must return a scalar, got shape {tuple(loss.shape)}"
-                            )
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"non-finite loss {loss.item()} at step {step + 1}"
-                            )
-                        # Mean over the group's micro-batches (the last group may be short).
-                        (loss / len(group)).backward()
+                        with checkpointing(peft_model, config.gradient_checkpointing):
+                            logits = peft_model(
+                                input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"],
+                                use_cache=False,
+                            ).logits
+                            loss = loss_fn(logits, batch)
+                            if loss.ndim != 0:
+                                raise ValueError(
+                                    f"loss_fn must return a scalar, got shape {tuple(loss.shape)}"
+                                )
+                            if not torch.isfinite(loss):
+                                raise FloatingPointError(
+                                    f"non-finite loss {loss.item()} at step {step + 1}"
+                                )
+                            # Mean over the group's micro-batches (the last may be short).
+                            (loss / len(group)).backward()
                         step_loss += loss.item() / len(group)
                     grads = [p.grad for p in params if p.grad is not None]
                     norm = torch.nn.utils.get_total_norm(grads)
