@@ -263,12 +263,18 @@ def test_checkpointing_refuses_a_kv_cache():
 
 def test_training_with_checkpointing_follows_the_same_trajectory():
     examples = [{"prompt": f"Q{i}?", "response": f"Answer {i}."} for i in range(4)]
-    results = {}
+    results, recomputed = {}, {}
     for ck in (False, True):
         model = interp.tiny("llama")
+        seen: list[bool] = []
+        attn = model.model.model.layers[0].self_attn
+        handle = attn.register_forward_hook(lambda *a, seen=seen: seen.append(is_recomputing()))
         config = TrainConfig(max_steps=2, batch_size=2, dropout=0.1, gradient_checkpointing=ck)
         results[ck] = train(model, examples, SFTLoss(), config, progress=False)
+        handle.remove()
+        recomputed[ck] = sum(seen)
         assert not any(forwards_patched(results[ck].model))
+    assert recomputed == {False: 0, True: 2}  # one recomputation per micro-batch
     plain, ck = results[False], results[True]
     assert ck.losses == pytest.approx(plain.losses, rel=1e-5)
     assert ck.grad_norms == pytest.approx(plain.grad_norms, rel=1e-4)
