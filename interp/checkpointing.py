@@ -134,13 +134,15 @@ def checkpointing(model: Any, enabled: bool = True) -> Iterator[None]:
         return
     patched: list[tuple[nn.Module, Any]] = []
     try:
+        # Through __dict__, not setattr: some blocks (TransformerBridge's) route attribute
+        # writes to the module they wrap.
         for block in blocks_of(model):
             patched.append((block, block.__dict__.get("forward", _MISSING)))
-            block.forward = _checkpointed(block.forward)
+            block.__dict__["forward"] = _checkpointed(block.forward)
         yield
     finally:
         for block, previous in reversed(patched):
             if previous is _MISSING:
-                del block.forward
+                block.__dict__.pop("forward", None)
             else:
-                block.forward = previous
+                block.__dict__["forward"] = previous

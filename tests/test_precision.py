@@ -279,3 +279,21 @@ def test_training_with_checkpointing_follows_the_same_trajectory():
     assert ck.losses == pytest.approx(plain.losses, rel=1e-5)
     assert ck.grad_norms == pytest.approx(plain.grad_norms, rel=1e-4)
     assert TrainConfig().gradient_checkpointing is False
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_checkpointing_on_a_transformer_bridge():
+    pytest.importorskip("transformer_lens.model_bridge")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model, tok = tiny_hf("llama", seed=0)
+    bridged = interp.load(
+        TransformerBridge.boot_transformers("interp-test", hf_model=hf_model, tokenizer=tok)
+    )
+    names = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    plain = interp.capture_grads(bridged, ids, last_logsumexp, names)
+    ck = interp.capture_grads(bridged, ids, last_logsumexp, names, gradient_checkpointing=True)
+    for name in bridged.resolve(names):
+        torch.testing.assert_close(ck.grads[name], plain.grads[name], rtol=1e-5, atol=1e-7)
+    assert not any("forward" in b.__dict__ for b in blocks_of(bridged))

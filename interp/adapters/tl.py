@@ -144,6 +144,10 @@ class TLHookedModel(LensMixin, HookedModelBase):
     def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, **kw: Any) -> Tensor:
         if attention_mask is not None and bool((attention_mask == 0).any()):
             kw["attention_mask"] = attention_mask
+        if self._bridge and "use_cache" in self._backend_kwargs():
+            # As on the HF adapter: one forward pass keeps no KV cache (which would also be
+            # written twice under gradient checkpointing).
+            kw.setdefault("use_cache", False)
         out = self.model(input_ids, **kw)
         return out.logits if hasattr(out, "logits") else out
 
