@@ -973,10 +973,8 @@ def sft_loss_on(model: Any, examples: Sequence[dict[str, Any]], batch_size: int)
     device = next(net.parameters()).device
     with torch.no_grad():
         for group in chunks(items, batch_size):
-            batch = {k: v.to(device) for k, v in collate(list(group), pad).items()}
-            logits = net(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            batch = collate(list(group), pad).to(device)
+            logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             total += float(loss_fn(logits, batch)) * len(group)
             weight += len(group)
     return total / weight

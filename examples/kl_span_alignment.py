@@ -66,6 +66,7 @@ from interp import stats
 from interp.cache import atomic_write
 from interp.chat import render
 from interp.losses import kl_span_alignment, predicting_positions, sft_loss
+from interp.positions import Batch
 from interp.train import (
     KLSpanLoss,
     TrainConfig,
@@ -600,16 +601,16 @@ def pair_kl(model: Any, examples: Sequence[dict[str, Any]], batch_size: int = 4)
     out: list[float] = []
     try:
         for i in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate(items[i : i + batch_size], pad).items()}
+            batch = collate(items[i : i + batch_size], pad).to(device)
             logits = module(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
                 use_cache=False,
             ).logits
             kl = kl_span_alignment(
                 logits,
-                predicting_positions(batch["span_s"]),
-                predicting_positions(batch["span_o"]),
+                predicting_positions(batch.masks["span_s"]),
+                predicting_positions(batch.masks["span_o"]),
                 reduction="none",
             )
             out += kl.tolist()
@@ -623,8 +624,9 @@ class UnflaggedSFT:
     that keeps the rest of the reasoning and the answer as the model wrote them while the
     KL term moves the flagged sentences."""
 
-    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sft_loss(logits, batch["input_ids"], batch["loss_mask"] & ~batch["span_s"])
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        masks = batch.masks
+        return sft_loss(logits, batch.input_ids, masks["loss_mask"] & ~masks["span_s"])
 
 
 def run_training(model, examples, settings, out: Path) -> dict[str, Any]:

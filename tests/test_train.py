@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from interp.families import tiny_hf
-from interp.spans import find_response_spans, mark_biased
+from interp.spans import LexiconCategory, LexiconDetector, find_response_spans, mark_biased
 from interp.train import (
     CHECKPOINT_NAME,
     KLSpanLoss,
@@ -32,10 +32,13 @@ from interp.train import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+DETECTOR = LexiconDetector({"age": LexiconCategory(("older man",), ("forgetful",))})
+
+
 def pair(i: int) -> dict:
     """A biased-reasoning / neutral-answer training pair, spans found by interp.spans."""
     response = f"<think>Case {i}. The older man is forgetful.</think> Answer: unknown"
-    biased = next(m.sentence for m in mark_biased(response) if m.detection.biased)
+    biased = next(m.sentence for m in mark_biased(response, DETECTOR) if m.detection.biased)
     answer = find_response_spans(response).answer
     return {
         "prompt": f"Q{i}?",
@@ -50,7 +53,7 @@ PAIRS = [pair(i) for i in range(4)]
 
 def logits_of(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -107,9 +110,9 @@ def test_prepare_and_collate_pad_on_the_right():
         ]
     )
     batch = collate(items, pad_token_id=99)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 99, 99]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["loss_mask"].tolist() == [[False, True, True], [True, False, False]]
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 99, 99]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.masks["loss_mask"].tolist() == [[False, True, True], [True, False, False]]
     with pytest.raises(ValueError, match="2 entries for 3 tokens"):
         prepare([{"input_ids": [1, 2, 3], "loss_mask": [1, 1]}])
     with pytest.raises(ValueError, match="same fields"):
@@ -212,6 +215,37 @@ def test_weighted_sum_is_the_weighted_sum_of_its_terms():
     torch.testing.assert_close(combo(logits, batch), want)
     with pytest.raises(ValueError, match="at least one"):
         weighted_sum()
+
+
+def test_one_loss_serves_training_capture_grads_and_chat_batches():
+    import interp
+    from interp.chat import encode
+    from interp.positions import Batch
+
+    model = interp.tiny("llama", seed=0)
+    tok = model.tokenizer
+    batch = collate(prepare(PAIRS[:2], tok), tok.pad_token_id)
+    assert isinstance(batch, Batch) and set(batch.masks) == {"loss_mask", "span_s", "span_o"}
+    loss = weighted_sum((1.0, SFTLoss()), (0.5, KLSpanLoss()))
+    logits = logits_of(model.model, batch)
+    grads = interp.capture_grads(model, batch, loss, "blocks.*.hook_resid_post")
+    torch.testing.assert_close(grads.loss, loss(logits, batch))
+    assert grads.grads["blocks.0.hook_resid_post"].abs().sum() > 0
+    # A dict with the same keys reads the same masks.
+    as_dict = {"input_ids": batch.input_ids, **batch.masks}
+    torch.testing.assert_close(loss(logits, as_dict), loss(logits, batch))
+
+    # chat.encode's batches carry their own masks: the assistant tokens.
+    conv = [
+        {"role": "user", "content": "Q0?"},
+        {"role": "assistant", "content": PAIRS[0]["response"]},
+    ]
+    enc = encode(tok, [conv])
+    sft = SFTLoss(mask_key="assistant")
+    chat_grads = interp.capture_grads(model, enc, sft, "blocks.1.hook_resid_post")
+    assert torch.isfinite(chat_grads.loss) and chat_grads.loss > 0
+    with pytest.raises(KeyError, match=r"no mask 'loss_mask'.*assistant"):
+        SFTLoss()(model(enc), enc)
 
 
 def test_adapter_round_trips_with_identical_logits(tmp_path):

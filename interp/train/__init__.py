@@ -2,9 +2,10 @@
 
 Design
 ------
-A loss is any callable ``loss(logits, batch) -> scalar`` where ``batch`` is
-the collated dict (``input_ids``, ``attention_mask`` and the masks the
-examples carry: ``loss_mask``, ``span_s``, ``span_o``). ``SFTLoss``
+A loss is any callable ``loss(logits, batch) -> scalar`` where ``batch`` is an
+``interp.positions.Batch`` (the batch type of ``capture`` and ``capture_grads``), the
+masks the examples carry (``loss_mask``, ``span_s``, ``span_o``) in ``batch.masks``: one
+loss serves training, ``capture_grads`` and evaluation. ``SFTLoss``
 (assistant-token cross-entropy), ``KLSpanLoss`` (study 000's span alignment)
 and ``weighted_sum`` ship; anything else plugs in the same way.
 
@@ -33,7 +34,14 @@ from interp.train.lora import (
     resolve_model,
     save_adapter,
 )
-from interp.train.objectives import KLSpanLoss, LossFn, SFTLoss, WeightedSum, weighted_sum
+from interp.train.objectives import (
+    KLSpanLoss,
+    LossFn,
+    SFTLoss,
+    WeightedSum,
+    batch_mask,
+    weighted_sum,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -44,6 +52,7 @@ __all__ = [
     "TrainResult",
     "WeightedSum",
     "apply_lora",
+    "batch_mask",
     "collate",
     "cosine_with_warmup",
     "default_target_modules",

@@ -19,6 +19,11 @@ response and EOS tokens; span masks mark the tokens overlapping each span.
 Re-rendering the conversation with the assistant message instead would let
 templates that rewrite history (dropping ``<think>`` blocks, as DeepSeek-R1's
 does) change the very tokens we want to train on.
+
+``collate`` pads prepared items into one ``interp.positions.Batch`` — the batch type of
+``capture``, ``capture_grads`` and ``runs`` — with the masks in ``Batch.masks``
+(``loss_mask``, ``span_s``, ``span_o``), so one loss ``loss(logits, batch)`` serves
+training, ``capture_grads`` and evaluation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interp.positions import Batch
 from interp.spans import token_mask
 
 __all__ = ["collate", "encode_example", "prepare"]
@@ -121,26 +127,22 @@ def prepare(
     return out
 
 
-def collate(
-    items: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int = 0
-) -> dict[str, Tensor]:
-    """Right-pad prepared items into ``input_ids``/``attention_mask`` (long) and bool masks."""
+def collate(items: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int = 0) -> Batch:
+    """Right-pad prepared items into a ``Batch``: ``input_ids`` / ``attention_mask`` (long)
+    and the items' masks (``loss_mask``, ``span_s``, ``span_o``) as bool ``Batch.masks``."""
     if not items:
         raise ValueError("cannot collate an empty list of examples")
     length = max(len(it["input_ids"]) for it in items)
     n = len(items)
-    batch = {
-        "input_ids": torch.full((n, length), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros(n, length, dtype=torch.long),
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, length, dtype=torch.long)
+    masks: dict[str, Tensor] = {
+        key: torch.zeros(n, length, dtype=torch.bool) for key in MASK_KEYS if key in items[0]
     }
-    for key in MASK_KEYS:
-        if key in items[0]:
-            batch[key] = torch.zeros(n, length, dtype=torch.bool)
     for row, it in enumerate(items):
         k = len(it["input_ids"])
-        batch["input_ids"][row, :k] = torch.tensor(it["input_ids"], dtype=torch.long)
-        batch["attention_mask"][row, :k] = 1
-        for key in MASK_KEYS:
-            if key in batch:
-                batch[key][row, :k] = torch.tensor(it[key], dtype=torch.bool)
-    return batch
+        input_ids[row, :k] = torch.tensor(it["input_ids"], dtype=torch.long)
+        attention_mask[row, :k] = 1
+        for key, mask in masks.items():
+            mask[row, :k] = torch.tensor(it[key], dtype=torch.bool)
+    return Batch(input_ids, attention_mask, masks=masks)

@@ -122,7 +122,8 @@ def train(
             parameters are trained as they are; LoRA settings in ``config`` are
             then unused), or an object holding either in ``.model``.
         examples: dicts, text or token level (see ``interp.train.data``).
-        loss_fn: ``(logits [batch, pos, vocab], batch dict) -> scalar``.
+        loss_fn: ``(logits [batch, pos, vocab], Batch) -> scalar``; the ``Batch`` (from
+            ``collate``) carries the examples' masks in ``batch.masks``.
         config: hyperparameters; ``TrainConfig()`` by default.
         tokenizer: for text examples and the pad id; defaults to ``model.tokenizer``.
         eval_fn: ``eval_fn(peft_model, step) -> metrics`` every ``config.eval_every``
@@ -224,12 +225,11 @@ def train(
                         continue  # done before the checkpoint we resumed from
                     step_loss = 0.0
                     for rows in group:
-                        batch = collate([items[i] for i in rows], pad_id)
-                        batch = {k: v.to(device) for k, v in batch.items()}
+                        batch = collate([items[i] for i in rows], pad_id).to(device)
                         with checkpointing(peft_model, config.gradient_checkpointing):
                             logits = peft_model(
-                                input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"],
+                                input_ids=batch.input_ids,
+                                attention_mask=batch.attention_mask,
                                 use_cache=False,
                             ).logits
                             loss = loss_fn(logits, batch)

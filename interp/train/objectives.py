@@ -1,38 +1,59 @@
-"""Pluggable training losses: ``loss(logits, batch) -> scalar``.
+"""Pluggable losses: ``loss(logits, batch) -> scalar`` with ``batch`` an
+``interp.positions.Batch``.
 
-Any callable with that signature trains; the ones here wrap ``interp.losses``
-and read their masks from the collated batch by key, so a custom collator
-only needs to provide the keys.
+Any callable with that signature trains (``interp.train.train``), differentiates
+(``interp.capture_grads``) and evaluates; the ones here wrap ``interp.losses`` and read
+their masks from ``batch.masks`` by name, so the same loss runs on ``collate``'s batches
+(``loss_mask``, ``span_s``, ``span_o``) and on ``interp.chat.encode``'s
+(``SFTLoss(mask_key="assistant")``). A plain dict with the same keys is read too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
 from interp.losses import kl_span_alignment, predicting_positions, sft_loss
+from interp.positions import Batch
 
-__all__ = ["KLSpanLoss", "LossFn", "SFTLoss", "WeightedSum", "weighted_sum"]
+__all__ = ["KLSpanLoss", "LossFn", "SFTLoss", "WeightedSum", "batch_mask", "weighted_sum"]
 
-LossFn = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
+LossFn = Callable[[Tensor, Batch], Tensor]
+
+
+def batch_mask(batch: Batch | Mapping[str, Tensor], key: str) -> Tensor:
+    """The ``[batch, pos]`` mask ``key`` of a ``Batch`` (``batch.masks[key]``) or a dict;
+    a missing mask raises ``KeyError`` naming the masks there are."""
+    masks: Any = batch.masks if isinstance(batch, Batch) else batch
+    if key not in masks:
+        raise KeyError(
+            f"the batch has no mask {key!r}; it has {sorted(masks)} (collate puts loss_mask, "
+            "span_s and span_o of the examples in Batch.masks; chat.encode its named masks)"
+        )
+    return masks[key]
+
+
+def _input_ids(batch: Batch | Mapping[str, Tensor]) -> Tensor:
+    return batch.input_ids if isinstance(batch, Batch) else batch["input_ids"]
 
 
 @dataclass(frozen=True)
 class SFTLoss:
-    """Next-token cross-entropy on the tokens in ``batch[mask_key]`` (assistant tokens)."""
+    """Next-token cross-entropy on the tokens in ``batch.masks[mask_key]`` (the response
+    tokens: ``"loss_mask"`` of ``collate``, ``"assistant"`` of ``chat.encode``)."""
 
     mask_key: str = "loss_mask"
 
-    def __call__(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-        return sft_loss(logits, batch["input_ids"], batch[self.mask_key])
+    def __call__(self, logits: Tensor, batch: Batch | Mapping[str, Tensor]) -> Tensor:
+        return sft_loss(logits, _input_ids(batch), batch_mask(batch, self.mask_key))
 
 
 @dataclass(frozen=True)
 class KLSpanLoss:
-    """``kl_span_alignment`` between the token spans ``batch[s_key]`` and ``batch[o_key]``.
+    """``kl_span_alignment`` between the token spans ``batch.masks[s_key]`` and ``[o_key]``.
 
     With ``shift=True`` (default) the masks are moved to the *predicting*
     positions, so each side aggregates the distributions that generated the
@@ -46,8 +67,8 @@ class KLSpanLoss:
     s_key: str = "span_s"
     o_key: str = "span_o"
 
-    def __call__(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-        s, o = batch[self.s_key], batch[self.o_key]
+    def __call__(self, logits: Tensor, batch: Batch | Mapping[str, Tensor]) -> Tensor:
+        s, o = batch_mask(batch, self.s_key), batch_mask(batch, self.o_key)
         if self.shift:
             s, o = predicting_positions(s), predicting_positions(o)
         return kl_span_alignment(
@@ -75,7 +96,7 @@ class WeightedSum:
             if not isinstance(w, int | float):
                 raise ValueError(f"weight {w!r} is not a number")
 
-    def __call__(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    def __call__(self, logits: Tensor, batch: Batch | Mapping[str, Tensor]) -> Tensor:
         total = None
         for w, fn in self.terms:
             value = w * fn(logits, batch)
