@@ -196,10 +196,10 @@ def load(
             ``device`` moves a model object there. Nothing else ever moves or casts the
             model.
     """
+    dtype = parse_dtype(dtype)  # a bad dtype fails before anything heavy is imported
     from interp.adapters.hf import HFHookedModel, unwrap
     from interp.adapters.tl import TLHookedModel, is_other_transformer_lens, is_transformer_lens
 
-    dtype = parse_dtype(dtype)
     if isinstance(model, HookedModelBase | nn.Module):
         _check_object_dtype(model, dtype)
     if isinstance(model, HookedModelBase):
