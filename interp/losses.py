@@ -180,7 +180,8 @@ def sft_loss(
     ``loss_mask[b, t]`` marks token ``t`` as a *target* (e.g. an assistant
     token); it is predicted from position ``t - 1``, so the first token can
     never be a target. The mean is over all target tokens in the batch
-    (token-level, as in most SFT code), not per example.
+    (token-level, as in most SFT code), not per example. Half-precision logits are
+    upcast to float32 for the log-softmax (a copy of the logits, not of the model).
     """
     targets = loss_mask[:, 1:].bool()
     n = targets.sum()
