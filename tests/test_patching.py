@@ -430,3 +430,33 @@ def test_qk_fix_across_families(family):
                 [P.Site("blocks.1.attn.hook_q", head=0)],
                 qk_fix=True,
             )
+
+
+@pytest.mark.slow
+def test_attribution_ranks_sites_like_activation_patching_on_the_embedded_model(embedded):
+    """The rank correlation the docs and the benchmark report, on a factual-recall pair."""
+    from interp.stats import spearman
+
+    tok = embedded.tokenizer
+    text = "The Prado is in Madrid. The Colosseum is in Rome. The capital of {} is"
+    clean, corrupted = (
+        torch.tensor([tok(text.format(c), add_special_tokens=False)["input_ids"]])
+        for c in ("Spain", "Italy")
+    )
+    assert clean.shape == corrupted.shape
+    madrid, rome = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" Madrid", " Rome"))
+
+    def logit_diff(logits, batch):
+        return logits[:, -1, madrid] - logits[:, -1, rome]
+
+    rhos = {}
+    for what, sweep in (
+        ("positions", P.layers_x_positions()),
+        ("heads", P.layers_x_heads()),
+    ):
+        act = P.activation_patching(embedded, clean, corrupted, logit_diff, sweep, progress=False)
+        atp = P.attribution_patching(embedded, clean, corrupted, logit_diff, sweep)
+        rhos[what] = spearman(atp.effect.flatten(), act.effect.flatten())
+    print(f"Spearman(AtP, activation patching) on the embedded model: {rhos}")
+    assert act.clean_metric.item() > act.corrupted_metric.item()  # the pair separates
+    assert rhos["positions"] > 0.5 and rhos["heads"] > 0.3, rhos
