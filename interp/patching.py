@@ -599,8 +599,9 @@ def attribution_patching(
             position; ``attn.hook_k``/``hook_rot_k``: a key head): the patched attention
             pattern is recomputed exactly (softmax of the scores with the source run's
             queries or keys) and only its effect on the metric is linearised,
-            ``Σ (A_patched − A_base) · ∂metric/∂A``. Other sites keep plain AtP. Hugging Face
-            backend, prompts of the same layout.
+            ``Σ (A_patched − A_base) · ∂metric/∂A``. Other sites keep plain AtP. Prompts of
+            the same layout; the recomputed scores are checked against the model's own
+            ``hook_attn_scores`` and a mismatch raises.
         graddrop: AtP*'s GradDrop (§3.1.2): for each layer ``ℓ`` one more backward pass in
             which the gradient into layer ``ℓ``'s attention and MLP outputs
             (``hook_attn_out``, ``hook_mlp_out``) is zeroed, so it reaches earlier layers
@@ -730,7 +731,8 @@ def _qk_site(model, layer, site, base_acts, grads, src_cache) -> Tensor:
     scale, softcap = _attention_scale(model, layer)
     n_heads, n_kv = q_base.shape[2], k_base.shape[2]
     group = n_heads // n_kv
-    masked = torch.isinf(scores) & (scores < 0)
+    # Masked entries: -inf (HF backend, HookedTransformer) or the dtype's minimum (Bridge).
+    masked = scores <= torch.finfo(scores.dtype).min / 2
 
     def logits(q: Tensor, k: Tensor) -> Tensor:  # q [b, pos, h, d], k [b, pos, h_kv, d]
         k = k.repeat_interleave(group, dim=2)
@@ -777,9 +779,20 @@ def _qk_site(model, layer, site, base_acts, grads, src_cache) -> Tensor:
     return ((new - A) * G)[:, q_heads].flatten(1).sum(1).to(g_pattern.dtype)
 
 
+def _tl_attention(model: Any, layer: int) -> Any:
+    try:
+        return model.model.blocks[layer].attn
+    except (AttributeError, IndexError, TypeError):
+        raise PatchingError(
+            f"qk_fix: no attention module for layer {layer} on this backend"
+        ) from None
+
+
 def _cross_head_qk_norm(model: Any, layer: int) -> bool:
     from interp.adapters.hf_attention import attention_module
 
+    if getattr(model, "_layers", None) is None:
+        return False  # TransformerLens: per-head queries and keys
     attn = attention_module(model._layers[layer])
     head_dim = getattr(attn, "head_dim", None)
     for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
@@ -795,7 +808,20 @@ def _attention_scale(model: Any, layer: int) -> tuple[float, float | None]:
 
     layers = getattr(model, "_layers", None)
     if layers is None:
-        raise PatchingError("qk_fix needs the Hugging Face backend (interp.load of an HF model)")
+        # TransformerBridge: the wrapped HF attention's scaling; HookedTransformer: scores =
+        # q·k / attn_scale, then the soft-cap.
+        attn = _tl_attention(model, layer)
+        hf_attn = getattr(attn, "original_component", None)  # TransformerBridge
+        if getattr(hf_attn, "scaling", None) is not None:
+            cap = getattr(getattr(hf_attn, "config", None), "attn_logit_softcapping", None)
+            return float(hf_attn.scaling), cap
+        scale = getattr(attn, "attn_scale", None)
+        if scale is None:
+            raise PatchingError(
+                f"qk_fix: cannot find layer {layer}'s attention scale on this backend"
+            )
+        cap = getattr(getattr(attn, "cfg", None), "attn_scores_soft_cap", -1.0)
+        return 1.0 / float(scale), (float(cap) if cap and cap > 0 else None)
     attn = attention_module(layers[layer])
     scale = getattr(attn, "scaling", None)
     if scale is None:

@@ -460,3 +460,64 @@ def test_attribution_ranks_sites_like_activation_patching_on_the_embedded_model(
     print(f"Spearman(AtP, activation patching) on the embedded model: {rhos}")
     assert act.clean_metric.item() > act.corrupted_metric.item()  # the pair separates
     assert rhos["positions"] > 0.5 and rhos["heads"] > 0.3, rhos
+
+
+def recomputed(model, clean, corrupted, sites, pattern):
+    """Σ (A_patched − A) · ∂metric/∂A with A_patched the model's own pattern under each site's
+    patch: the quantity AtP*'s QK fix computes."""
+    g = interp.capture_grads(model, corrupted, metric, pattern, return_activations=True)
+    src = interp.capture(model, clean, [s.name for s in sites])
+    out = []
+    for site in sites:
+        index = (slice(None), slice(None) if site.position is None else site.position, site.head)
+
+        def patch(act, hook, index=index, v=src[site.name]):
+            act = act.clone()
+            act[index] = v[index]
+            return act
+
+        with model.hooks(fwd=[(site.name, patch)]):
+            new = interp.capture(model, corrupted, pattern)[pattern]
+        out.append(((new - g.activations[pattern]) * g.grads[pattern]).flatten(1).sum(1).mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["hooked_transformer", "bridge"])
+def test_qk_fix_on_transformer_lens_backends(backend):
+    if backend == "hooked_transformer":
+        module = pytest.importorskip("transformer_lens.HookedTransformer")
+        from transformer_lens import HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(
+            n_layers=3,
+            d_model=32,
+            n_ctx=32,
+            d_head=8,
+            n_heads=4,
+            d_vocab=50,
+            act_fn="gelu",
+            seed=0,
+            positional_embedding_type="rotary",
+        )
+        model = interp.load(module.HookedTransformer(cfg))
+    else:
+        import copy
+
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from interp.families import tiny_hf
+
+        raw, tok = tiny_hf("llama", seed=0)
+        model = interp.load(
+            TransformerBridge.boot_transformers(
+                "interp-test", hf_model=copy.deepcopy(raw), tokenizer=copy.deepcopy(tok)
+            )
+        )
+    clean, corrupted = pair(seed=10, vocab=50)
+    sites = [
+        P.Site("blocks.1.attn.hook_q", head=1),
+        P.Site("blocks.1.attn.hook_k", position=2, head=0),
+    ]
+    fixed = P.attribution_patching(model, clean, corrupted, metric, sites, qk_fix=True)
+    want = recomputed(model, clean, corrupted, sites, "blocks.1.attn.hook_pattern")
+    torch.testing.assert_close(fixed.effect, want, atol=1e-6, rtol=1e-4)
