@@ -608,8 +608,8 @@ def attribution_patching(
             through the residual connection only; the estimate is
             ``sign(AtP) · Σ_ℓ |AtP_ℓ| / (L − 1)`` (a site inside layer ``ℓ`` gets 0 when
             ``ℓ`` is dropped, hence ``L − 1``), computed on batch means for ``values`` and
-            per example for ``per_example``. ``L`` extra backward passes (and forward
-            passes: each is a ``capture_grads`` call).
+            per example for ``per_example``. Costs one more forward pass of the base run and
+            ``L`` backward passes through its kept graph (no parameter ``.grad`` written).
     """
     direction = _direction(direction)
     runs = _runs(model, clean, corrupted)
@@ -649,7 +649,7 @@ def attribution_patching(
     if graddrop:
         method += "+graddrop"
         est, values = _graddrop(
-            model, sweep, runs, base, source, metric, grad_names, src_cache, est
+            model, sweep, runs, base, source, metric, grad_names, src_cache, g.activations, est
         )
         values = base_metric.mean() + values
     clean_metric, corr_metric = (
@@ -671,25 +671,48 @@ def _estimates(sweep, runs, base, source, src_cache, base_acts, grads) -> Tensor
     return torch.stack(out)
 
 
-def _graddrop(model, sweep, runs, base, source, metric, names, src_cache, est_atp):
-    """AtP*'s GradDrop: one backward per layer with that layer's residual branch dropped."""
+def _graddrop(model, sweep, runs, base, source, metric, names, src_cache, base_acts, est_atp):
+    """AtP*'s GradDrop: one forward pass of the base run, then one backward pass per layer
+    with that layer's residual branch dropped (the graph is kept between them).
+
+    As in ``capture_grads``: gradients are taken with respect to the embedding output only,
+    so no parameter ``.grad`` is written.
+    """
     L = model.cfg.n_layers
+    state: dict[str, Any] = {"layer": None, "grads": {}}
+    root: list[Tensor] = []
 
-    def drop(grad: Tensor, hook: HookPoint) -> Tensor:
-        return torch.zeros_like(grad)
+    def keep_root(tensor: Tensor, hook: HookPoint) -> None:
+        root.append(tensor)
 
-    per_layer = []
+    def keep_grad(grad: Tensor, hook: HookPoint) -> None:
+        state["grads"][hook.name] = grad.detach()
+
+    def drop_at(layer: int):
+        def drop(grad: Tensor, hook: HookPoint) -> Tensor | None:
+            return torch.zeros_like(grad) if state["layer"] == layer else None
+
+        return drop
+
+    dropped = []
     for layer in range(L):
-        dropped = [
-            (f"blocks.{layer}.{k}", drop)
-            for k in ("hook_attn_out", "hook_mlp_out")
-            if f"blocks.{layer}.{k}" in model.hook_names
-        ]
-        if not dropped:
+        here = [f"blocks.{layer}.{k}" for k in ("hook_attn_out", "hook_mlp_out")]
+        here = [n for n in here if n in model.hook_names]
+        if not here:
             raise PatchingError(f"GradDrop needs hook_attn_out / hook_mlp_out on layer {layer}")
-        with model.hooks(bwd=dropped):
-            g = capture_grads(model, base, metric, names, return_activations=True)
-        per_layer.append(_estimates(sweep, runs, base, source, src_cache, g.activations, g.grads))
+        dropped += [(n, drop_at(layer)) for n in here]
+    if "hook_embed" not in model.hook_names:
+        raise PatchingError("GradDrop needs a 'hook_embed' hook point on the model")
+    bwd = [(n, keep_grad) for n in names] + dropped
+    per_layer = []
+    with torch.enable_grad(), running(base), model.hooks(fwd=[("hook_embed", keep_root)], bwd=bwd):
+        logits = model.forward(base.input_ids, base.attention_mask)
+        total = metric(logits, base).sum()
+        for layer in range(L):
+            state["layer"], state["grads"] = layer, {}
+            torch.autograd.grad(total, root[0], retain_graph=layer < L - 1)
+            grads = state["grads"]
+            per_layer.append(_estimates(sweep, runs, base, source, src_cache, base_acts, grads))
     stack = torch.stack(per_layer)  # [L, n_sites, batch]
     denom = max(L - 1, 1)
     per_example = est_atp.sign() * stack.abs().sum(0) / denom

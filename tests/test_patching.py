@@ -371,6 +371,7 @@ def test_graddrop_matches_detached_branches(llama):
     plain = P.attribution_patching(llama, clean, corrupted, metric, sweep)
     dropped = P.attribution_patching(llama, clean, corrupted, metric, sweep, graddrop=True)
     assert dropped.method == "attribution+graddrop"
+    assert all(p.grad is None for p in llama.model.parameters())
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(3)]
     source = interp.capture(llama, clean, names)
     per_layer = []
