@@ -826,7 +826,7 @@ def _cross_head_qk_norm(model: Any, layer: int) -> bool:
 
 
 def _attention_scale(model: Any, layer: int) -> tuple[float, float | None]:
-    """(score scaling, logit soft-cap) of a Hugging Face attention layer."""
+    """(score scaling, logit soft-cap) of an attention layer, on every backend."""
     from interp.adapters.hf_attention import attention_module
 
     layers = getattr(model, "_layers", None)
