@@ -15,7 +15,9 @@ model:
   Face path (``HookedProxyLM`` over a copy of the same model: it packs the texts into
   ``--context``-token windows and stops after the layer); one epoch of
   ``get_filtered_llm_batch``, without its shuffling buffer. The store's windows hold a
-  different number of tokens, so its comparison is per token.
+  different number of tokens, so its comparison is per token. An extra variant runs
+  ``capture_dataset`` on the texts pre-sorted by length: the padding it would save by
+  sorting rows itself (as ``score`` does).
 * ``runs.score`` (per-token log-probabilities, per-example mean NLL) vs a naive loop (one
   forward + float32 log-softmax per example) and a plain batched loop.
 
@@ -229,10 +231,11 @@ def capture_group(model, args, layer: int, sync) -> dict:
     block = model._layers[layer]
     specials = runs.special_ids(tok)
 
-    padded = sum(
-        len(texts[s : s + bs]) * max(len(tok(t)["input_ids"]) for t in texts[s : s + bs])
-        for s in range(0, len(texts), bs)
-    )
+    def padded_tokens(items: list[str]) -> int:
+        lengths = [len(tok(t)["input_ids"]) for t in items]
+        return sum(len(lengths[s : s + bs]) * max(lengths[s : s + bs]) for s in range(0, len(items), bs))  # fmt: skip
+
+    padded = padded_tokens(texts)
 
     def plain(stop: bool = False):
         out = []
@@ -261,10 +264,16 @@ def capture_group(model, args, layer: int, sync) -> dict:
     def ours():
         return runs.capture_dataset(model, texts, name, batch_size=bs, progress=False)
 
+    by_length = sorted(texts, key=lambda t: -len(tok(t)["input_ids"]))
+
+    def ours_sorted():  # what sorting rows by length inside capture_dataset would save
+        return runs.capture_dataset(model, by_length, name, batch_size=bs, progress=False)
+
     variants = {
         "plain forward loop (torch hook)": plain,
         f"plain forward loop, stopped after layer {layer}": lambda: plain(stop=True),
         "runs.capture_dataset": ours,
+        "runs.capture_dataset, texts pre-sorted by length": ours_sorted,
     }
     with torch.no_grad():
         ref, mine = plain(), ours()[name]
@@ -273,6 +282,7 @@ def capture_group(model, args, layer: int, sync) -> dict:
         "texts": len(texts),
         "tokens": int(ref.shape[0]),
         "padded_tokens_forwarded": padded,
+        "padded_tokens_forwarded_sorted": padded_tokens(by_length),
         "rows_equal": tuple(ref.shape) == tuple(mine.shape),
         "max_abs_diff": float((ref - mine).abs().max()) if ref.shape == mine.shape else None,
     }
@@ -321,6 +331,9 @@ def capture_group(model, args, layer: int, sync) -> dict:
             res, "runs.capture_dataset", f"plain forward loop, stopped after layer {layer}"
         ),
     }
+    pairs["runs.capture_dataset, texts sorted by length / as given"] = pair(
+        res, "runs.capture_dataset, texts pre-sorted by length", "runs.capture_dataset"
+    )
     if "SAELens ActivationsStore" in res:
         pairs["runs.capture_dataset / SAELens ActivationsStore, per token"] = pair(
             res, "runs.capture_dataset", "SAELens ActivationsStore", per=tokens
