@@ -176,3 +176,21 @@ def test_train_a_sae_from_the_store(model):
     result = train_sae(sae, store, lr=3e-3, warmup_steps=2, progress=False)
     assert result.steps == len(list(store)) > 5
     assert result.history[-1].fvu < result.history[0].fvu
+
+
+def test_special_tokens_are_left_out_of_rows_and_means(model):
+    # Chat markers are special tokens of the tiny tokenizer; a BOS behaves the same way.
+    texts = ["<|im_start|>user\nhello there<|im_end|>", "<|im_start|>hi"]
+    markers = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    special = set(model.tokenizer.convert_tokens_to_ids(markers))
+    full = interp.capture(model, texts, HOOK)[HOOK]  # right-padded, [2, pos, d]
+    batch = model.tokenize(texts)
+    keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, torch.tensor(list(special)))
+    tokens = ActivationStore(model, texts, HOOK, batch_size=1, buffer_size=2)
+    torch.testing.assert_close(tokens.rows(texts), full[keep])
+    means = ActivationStore(model, texts, HOOK, batch_size=1, buffer_size=2, pooling="mean")
+    want = torch.stack([full[i][keep[i]].mean(0) for i in range(len(texts))])
+    torch.testing.assert_close(means.rows(texts), want, atol=1e-5, rtol=1e-5)
+    # Opting out keeps every real token.
+    every = ActivationStore(model, texts, HOOK, batch_size=1, buffer_size=2, exclude_special=False)
+    assert every.rows(texts).shape[0] == int(batch.attention_mask.sum())

@@ -138,6 +138,9 @@ class ActivationStore:
         buffer_size: rows in the shuffling buffer (≥ 2 × batch_size); bounds memory.
         pooling: ``"token"`` (one row per non-pad token) or ``"mean"`` (one per text).
         text_batch_size: texts per forward pass.
+        exclude_special: leave the tokenizer's special tokens (BOS, EOS, pad, chat markers)
+            out of token rows and means (``interp.runs.capture_dataset``): on Llama-family
+            models BOS's huge norm would dominate a mean and a share of an SAE's loss.
         max_length: truncate texts to this many tokens (None: no truncation).
         dtype: storage dtype of the rows (the SAE trainer casts to fp32 itself).
         seed: seeds the shuffle; each iteration restarts from it.
@@ -159,6 +162,7 @@ class ActivationStore:
         seed: int = 0,
         drop_last: bool = True,
         text_column: str = "text",
+        exclude_special: bool = True,
     ) -> None:
         if pooling not in ("token", "mean"):
             raise ValueError(f"pooling must be 'token' or 'mean', got {pooling!r}")
@@ -182,6 +186,7 @@ class ActivationStore:
         self.seed = seed
         self.drop_last = drop_last
         self.text_column = text_column
+        self.exclude_special = exclude_special
         self.d = int(model.cfg.d_model)
         self.peak_rows = 0  # most rows the buffer held during the last iteration
 
@@ -193,19 +198,23 @@ class ActivationStore:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def rows(self, texts: list[str]) -> Tensor:
-        """Activation rows of a few texts, unshuffled (``[n_tokens, d]`` or ``[n_texts, d]``)."""
-        from interp.activations import capture
+        """Activation rows of a few texts, unshuffled (``[n_tokens, d]`` or ``[n_texts, d]``),
+        through ``interp.runs.capture_dataset`` (padding never copied)."""
+        from interp.positions import Batch
+        from interp.runs import capture_dataset
 
-        batch = self._encode(texts)
-        mask = batch["attention_mask"].bool()
-        if self.pooling == "token":
-            cache = capture(self.model, batch, [self.hook_name], positions=mask, device="cpu")
-            return cache[self.hook_name].to(self.dtype)
-        cache = capture(self.model, batch, [self.hook_name], device="cpu")
-        acts = cache[self.hook_name].float()  # [b, pos, d]
-        m = mask.to(acts.device, acts.dtype)[..., None]
-        pooled = (acts * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return pooled.to(self.dtype)
+        enc = self._encode(texts)
+        batch = Batch(enc["input_ids"], enc["attention_mask"]).to(self.model.device)
+        rows = capture_dataset(
+            self.model,
+            batch,
+            [self.hook_name],
+            pool="mean" if self.pooling == "mean" else None,
+            exclude_special=self.exclude_special,
+            batch_size=len(texts),
+            progress=False,
+        )[self.hook_name]
+        return rows.to(device="cpu", dtype=self.dtype)
 
     def __iter__(self) -> Iterator[Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
