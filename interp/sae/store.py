@@ -2,11 +2,12 @@
 
 ``ActivationStore`` runs a ``HookedModel`` over texts (a list, a JSONL path or a Hugging
 Face ``datasets`` dataset, read lazily) and yields ``[batch_size, d]`` activation batches
-of one hook point, via ``interp.capture``:
+of one hook point, via ``interp.runs.capture_dataset``:
 
-* ``pooling="token"``: every non-pad token is one row (the capture keeps only the
-  masked tokens, so padding is never copied);
-* ``pooling="mean"``: one row per text, the mean over its non-pad tokens.
+* ``pooling="token"``: every real token is one row (padding is never copied);
+* ``pooling="mean"``: one row per text, the mean over its real tokens;
+
+special tokens (BOS, chat markers) excluded from both unless ``exclude_special=False``.
 
 Rows pass through a fixed-size shuffling buffer (SAELens's "mixing buffer"): it is
 filled, shuffled with an explicit ``torch.Generator``, and its first half is emitted, so
