@@ -332,6 +332,20 @@ class HookedModelBase:
             for h in reversed(handles):
                 h.remove()
 
+    @contextlib.contextmanager
+    def generating(self, batch: Any, cached: bool = True) -> Iterator[None]:
+        """The context ``generate`` runs in: ``batch`` is the running batch and the forward
+        passes are counted at ``hook_embed``, so interventions with positions edit the
+        prompt's pass only (``interp.positions.decoding_step``). ``cached=False``: each step
+        recomputes the prefix, and positions are refused at the second step."""
+        from interp.positions import running
+
+        with (
+            running(batch, generating=True, cached=cached) as state,
+            self.hooks(fwd=[("hook_embed", state.count)]),
+        ):
+            yield
+
     def run_with_hooks(
         self,
         *args: Any,

@@ -207,7 +207,7 @@ class HFHookedModel(LensMixin, HookedModelBase):
 
     def generate(self, *args: Any, **kwargs: Any) -> Tensor:
         """``transformers`` ``generate``; hooks registered with ``hooks()`` apply at every step."""
-        from interp.positions import Batch, as_batch, running
+        from interp.positions import Batch, as_batch
 
         if args and isinstance(args[0], (Batch, str, list, dict, Tensor)):
             batch = as_batch(self, args[0])
@@ -222,10 +222,7 @@ class HFHookedModel(LensMixin, HookedModelBase):
         if batch is None:
             return self.model.generate(*args, **kwargs)
         # Interventions with positions edit the prompt's forward pass, not the decoding steps.
-        with (
-            running(batch, generating=True) as state,
-            self.hooks(fwd=[("hook_embed", state.count)]),
-        ):
+        with self.generating(batch):
             return self.model.generate(*args, **kwargs)
 
     def _checkpoint_blocks(self) -> list[nn.Module]:

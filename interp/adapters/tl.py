@@ -179,7 +179,7 @@ class TLHookedModel(LensMixin, HookedModelBase):
         a bridge the KV cache is off unless ``use_past_kv_cache=True`` (see below).
         Hooks registered with ``hooks()`` apply at every step.
         """
-        from interp.positions import as_batch, running
+        from interp.positions import as_batch
 
         if isinstance(input, Tensor) and input.is_floating_point():
             return self.model.generate(input, *args, **kwargs)  # embeddings: TL's own path
@@ -206,11 +206,8 @@ class TLHookedModel(LensMixin, HookedModelBase):
             kwargs.setdefault("padding_side", "left")
             if self._bridge:
                 kwargs.setdefault("attention_mask", mask)
-        # Interventions with positions edit the prompt's pass (see interp.positions.running).
-        with (
-            running(batch, generating=True, cached=cached) as state,
-            self.hooks(fwd=[("hook_embed", state.count)]),
-        ):
+        # Interventions with positions edit the prompt's pass (HookedModelBase.generating).
+        with self.generating(batch, cached=cached):
             return self.model.generate(batch.input_ids, *args, **kwargs)
 
     @property
