@@ -5,9 +5,14 @@ Every ``examples/NAME.py`` takes the same flags (``--quick``, ``--model``,
 ``report.json`` and PNG plots into its output folder, and exits non-zero on
 failure. This module holds only what all of them need:
 
-* :func:`parser` — the common flags (add a study's own flags to the result);
-* :func:`setup` / :func:`load_model` — threads, seeds, and ``--model`` specs,
-  including ``tiny:<family>`` for tests (``interp.tiny``);
+* :class:`Settings` / :func:`field` — one settings mechanism for all studies: a dataclass
+  per study (subclassing :class:`Settings`, which holds the common flags), the full run as
+  its defaults, ``QUICK`` as the ``--quick`` preset, and every field a command-line flag
+  (:meth:`Settings.parse`);
+* :func:`parser` — the older argparse entry (kept for ``demo.py``-style scripts);
+* :func:`setup` / :func:`load_model` — threads, seeds, and ``--model`` specs with
+  ``--dtype`` / ``--device`` / ``--device-map``, including ``tiny:<family>`` for tests
+  (``interp.tiny``); :func:`layer_at` turns a fraction of depth into a layer;
 * :class:`Report` — a JSON report saved atomically (temp file + ``os.replace``)
   after every step, with per-step wall times from :meth:`Report.step` and the
   final status from :meth:`Report.running`; :func:`environment` for its header;
@@ -37,15 +42,19 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from interp.cache import atomic_write
 
 __all__ = [
     "Report",
+    "Settings",
     "environment",
     "evenly_spaced",
+    "field",
     "jsonable",
+    "layer_at",
+    "load",
     "load_model",
     "log",
     "parser",
@@ -56,10 +65,145 @@ __all__ = [
     "run_study",
     "savefig",
     "setup",
+    "stage",
     "write_json",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+# -- settings: one dataclass per study, every field a flag -----------------------------------
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A settings field with its ``--flag`` help text (tuples/lists as defaults are fine)."""
+    if isinstance(default, list | dict | set):
+        raise TypeError("use a tuple for a sequence default (settings are frozen)")
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The flags every study takes. A study subclasses it (``@dataclass(frozen=True)``),
+    adds its own fields with :func:`field` (defaults = the full run), and sets ``QUICK`` to
+    the overrides of ``--quick``. :meth:`parse` builds the command line from the fields:
+    ``batch_size`` is ``--batch-size``, a ``bool`` gets ``--x/--no-x``, a tuple takes several
+    values; precedence is explicit flag > ``--quick`` preset > default. Validate in
+    ``__post_init__`` (call ``super().__post_init__()``)."""
+
+    QUICK: ClassVar[dict[str, Any]] = {}
+
+    model: str = field(
+        DEFAULT_MODEL,
+        "embedded name, local path, hub id, or tiny:<family> (random test model)",
+    )
+    dtype: str = field("float32", f"model dtype: {', '.join(_DTYPES)} (auto: the checkpoint's)")
+    device: str = field("cpu", "torch device for the model (cpu, cuda, cuda:1, mps)")
+    device_map: str | None = field(
+        None, "accelerate device_map for models larger than one device (e.g. auto)"
+    )
+    data: str | None = field(
+        None, "the study's dataset (official format where one exists); default: shipped data"
+    )
+    batch_size: int = field(8, "rows per forward pass in generation, scoring and capture")
+    seeds: tuple[int, ...] = field((0,), "seeds; several give the spread over seeds")
+    out: str = field("", "output folder (default runs/<study>)")
+    quick: bool = field(False, "the small preset (QUICK) for a fast CPU run")
+    threads: int | None = field(None, "torch CPU threads (default min(2, cpu count))")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        if self.device_map is not None and self.device != "cpu":
+            raise ValueError("give --device or --device-map, not both")
+
+    @property
+    def seed(self) -> int:
+        """The first seed: the one data splits and single-seed steps use."""
+        return self.seeds[0]
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    @classmethod
+    def parser(cls, name: str, description: str | None) -> argparse.ArgumentParser:
+        """The ``ArgumentParser`` of this settings class (every field a flag, no defaults set:
+        :meth:`parse` merges defaults, the preset and the flags)."""
+        p = argparse.ArgumentParser(
+            prog=f"examples/{name}.py",
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            argument_default=argparse.SUPPRESS,
+        )
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ, optional = _unwrap(hints[f.name])
+            text = f.metadata.get("help", "")
+            quick = cls.QUICK.get(f.name, dataclasses.MISSING)
+            shown = f"default {f.default!r}" + (
+                "" if quick is dataclasses.MISSING else f", quick {quick!r}"
+            )
+            kwargs: dict[str, Any] = {"help": f"{text} ({shown})" if text else shown}
+            if typ is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif get_origin(typ) in (tuple, list):
+                kwargs.update(nargs="+", type=get_args(typ)[0])
+            else:
+                kwargs["type"] = _none_or(typ) if optional else typ
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            p.add_argument(cls.flag(f.name), dest=f.name, **kwargs)
+        return p
+
+    @classmethod
+    def parse(cls, argv: Sequence[str] | None, name: str, description: str | None = None):
+        """Settings from the command line (``argv``; ``None`` reads ``sys.argv``)."""
+        given = vars(cls.parser(name, description).parse_args(argv))
+        unknown = set(cls.QUICK) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"{cls.__name__}.QUICK names unknown fields: {sorted(unknown)}")
+        values = dict(cls.QUICK) if given.get("quick") else {}
+        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+        if not values.get("out"):
+            values["out"] = f"runs/{name}"
+        return cls(**values)
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """``(type, optional)`` of a field annotation: ``int | None`` is ``(int, True)``."""
+    args = get_args(hint)
+    if (
+        get_origin(hint) in (Union, getattr(__import__("types"), "UnionType", Union))
+        and type(None) in args
+    ):
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _none_or(typ: Any) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() == "none" else typ(text)
+
+    convert.__name__ = getattr(typ, "__name__", "value")
+    return convert
+
+
+def layer_at(fraction: float, n_layers: int) -> int:
+    """The layer at ``fraction`` of the depth (0 = first, 1 = last): study settings name layers
+    as fractions so they mean the same on 30 and 80 layers."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"layer fraction must be in [0, 1], got {fraction}")
+    return min(n_layers - 1, round(fraction * (n_layers - 1)))
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -89,8 +233,9 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args: argparse.Namespace) -> None:
-    """Apply ``--threads`` and ``--seed`` to torch."""
+def setup(args: Any) -> None:
+    """Apply ``--threads`` and the (first) seed to torch (``args``: :class:`Settings` or an
+    ``argparse.Namespace`` from :func:`parser`)."""
     import torch
 
     threads = args.threads or max(1, min(2, os.cpu_count() or 1))
@@ -98,19 +243,44 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
 
 
-def load_model(spec: str, device: str = "cpu", seed: int = 0) -> Any:
-    """A ``HookedModel`` from a ``--model`` spec.
+def load_model(
+    spec: str,
+    device: str = "cpu",
+    seed: int = 0,
+    *,
+    dtype: str | None = None,
+    device_map: str | None = None,
+) -> Any:
+    """A ``HookedModel`` from a ``--model`` spec, in ``dtype`` on ``device`` (or spread by
+    ``device_map``).
 
-    ``tiny:<family>`` builds ``interp.tiny(family, seed)`` (random weights,
+    ``tiny:<family>`` builds ``interp.tiny(family, seed, dtype=...)`` (random weights,
     byte tokenizer, ChatML template); anything else goes to ``interp.load``.
     """
     import interp
 
+    dtype = None if dtype in (None, "float32") else dtype
     if spec.startswith("tiny:"):
-        model = interp.tiny(spec.split(":", 1)[1], seed=seed)
+        if device_map is not None:
+            raise ValueError("--device-map needs a real checkpoint, not a tiny: model")
+        model = interp.tiny(spec.split(":", 1)[1], seed=seed, dtype=dtype)
         model.model.to(device)
         return model
-    return interp.load(spec, device=device)
+    if device_map is not None:
+        return interp.load(spec, dtype=dtype, device_map=device_map)
+    return interp.load(spec, dtype=dtype, device=device)
+
+
+def load(settings: Settings, spec: str | None = None) -> Any:
+    """:func:`load_model` with a study's ``--dtype``/``--device``/``--device-map`` (``spec``
+    defaults to ``--model``; pass another for a second model of a comparison)."""
+    return load_model(
+        spec or settings.model,
+        settings.device,
+        settings.seed,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+    )
 
 
 # -- data and layers ---------------------------------------------------------------------------
@@ -182,20 +352,31 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def environment(args: argparse.Namespace) -> dict[str, Any]:
-    """Versions, device, threads and the load average at the start, for ``report.json``
-    (wall times on a shared CPU depend on the neighbours; the load says how busy it was)."""
+def environment(args: Any) -> dict[str, Any]:
+    """Versions, device, dtype, GPU name, threads and the load average at the start, for
+    ``report.json`` (wall times on a shared CPU depend on the neighbours; the load says how
+    busy it was)."""
     import platform
 
     import torch
 
     import interp
 
+    gpu = None
+    if torch.cuda.is_available() and (
+        "cuda" in str(args.device) or getattr(args, "device_map", None)
+    ):
+        gpu = torch.cuda.get_device_name(
+            torch.device(args.device) if "cuda" in str(args.device) else 0
+        )
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "interp": interp.__version__,
         "device": args.device,
+        "device_map": getattr(args, "device_map", None),
+        "dtype": getattr(args, "dtype", "float32"),
+        "gpu": gpu,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": _loadavg(),
@@ -256,6 +437,27 @@ class Report(dict):
         log(f"== {name} done in {self['timings'][f'{name}_s']:.1f}s")
 
 
+# -- resumable stages --------------------------------------------------------------------------
+def stage(
+    out: str | os.PathLike[str], name: str, key: Mapping[str, Any], compute: Callable[[], Any]
+) -> Any:
+    """The JSON result of a resumable stage: ``compute()`` once, saved atomically as
+    ``out/stages/{name}.json`` with ``key`` (the settings the result depends on); a rerun with
+    the same ``key`` reads the file instead of computing, a different ``key`` recomputes.
+    Values must be JSON (:func:`jsonable`); returned as read back, so a fresh and a resumed
+    run see the same types."""
+    path = Path(out) / "stages" / f"{name}.json"
+    key = jsonable(key)
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            log(f"stage {name}: resumed from {path}")
+            return saved["value"]
+        log(f"stage {name}: settings changed, recomputing")
+    write_json(path, {"key": key, "value": compute()})
+    return json.loads(path.read_text(encoding="utf-8"))["value"]
+
+
 # -- plots -------------------------------------------------------------------------------------
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend."""
@@ -282,14 +484,17 @@ def savefig(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
 def run_study(
     name: str,
     question: str,
-    args: argparse.Namespace,
+    args: Any,
     argv: Sequence[str] | None,
-    settings: Mapping[str, Any],
+    settings: Mapping[str, Any] | Settings,
     body: Callable[[Report], None],
 ) -> Report:
     """A study's ``main`` after its arguments are parsed: a :class:`Report` in ``args.out``
     with the question, command line, settings, seed and :func:`environment`; ``body(report)``
-    under :meth:`Report.running`; the report's path and wall time logged."""
+    under :meth:`Report.running`; the report's path and wall time logged. With
+    :class:`Settings`, pass the same object as ``args`` and ``settings``."""
+    if isinstance(settings, Settings):
+        settings = settings.asdict()
     report = Report(
         args.out,
         study=name,
