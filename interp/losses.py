@@ -47,6 +47,7 @@ __all__ = [
     "kl_span_alignment",
     "predicting_positions",
     "sft_loss",
+    "sft_loss_per_example",
     "span_log_distribution",
     "span_mask",
 ]
@@ -193,3 +194,27 @@ def sft_loss(
     ).view_as(targets)
     # masked_fill, not multiply: a non-finite CE at an ignored position must not leak in.
     return ce.masked_fill(~targets, 0.0).sum() / n
+
+
+def sft_loss_per_example(
+    logits: Float[Tensor, "batch pos vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    loss_mask: Bool[Tensor, "batch pos"] | Int[Tensor, "batch pos"],
+) -> Float[Tensor, " batch"]:
+    """Next-token cross-entropy averaged over each example's own target tokens: ``[batch]``.
+
+    Targets as in :func:`sft_loss` (``loss_mask[b, t]`` marks token ``t``, predicted from
+    ``t - 1``). Rows do not interact, so the gradient of the sum with respect to one row's
+    activations is the gradient of that row's own mean loss (``interp.capture_grads``
+    differentiates the sum of a per-example loss). Every row needs ≥ 1 target token.
+    """
+    targets = loss_mask[:, 1:].bool()
+    n = targets.sum(1)
+    if bool((n == 0).any()):
+        rows = (n == 0).nonzero().flatten().tolist()
+        raise ValueError(f"loss_mask selects no target tokens in rows {rows}")
+    work = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    ce = F.cross_entropy(
+        work[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none"
+    ).view_as(targets)
+    return ce.masked_fill(~targets, 0.0).sum(1) / n
