@@ -2,7 +2,7 @@
 
 * ``trace(model, batch, mask)`` -> ``RoutingTrace``: top-k experts, weights
   and router logits of every MoE layer on the masked tokens, stored compactly
-  with per-example token counts.
+  with per-example token counts; ``concat(traces)`` joins traces of several batches.
 * ``risk_difference(trace_1, trace_2)`` -> ``RiskDifference``: SteerMoE's
   ``Δ = p₁ − p₂`` of top-k selection frequency (or gate mass) for every
   (layer, expert), length matching, bootstrap intervals over examples,
@@ -28,13 +28,14 @@ from interp.moe.stats import (
     selection_frequency,
 )
 from interp.moe.steer import ablate_experts, steer
-from interp.moe.trace import RoutingTrace, trace
+from interp.moe.trace import RoutingTrace, concat, trace
 
 __all__ = [
     "ExpertScore",
     "RiskDifference",
     "RoutingTrace",
     "ablate_experts",
+    "concat",
     "expert_interval",
     "gate_mass",
     "length_match",

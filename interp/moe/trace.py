@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["RoutingTrace", "trace"]
+__all__ = ["RoutingTrace", "concat", "trace"]
 
 
 @dataclass(frozen=True)
@@ -309,4 +309,35 @@ def trace(
         lengths=keep.sum(dim=1).cpu(),
         positions=cols.cpu(),
         logits=stacked("hook_router_logits") if logits else None,
+    )
+
+
+def concat(traces: Sequence[RoutingTrace]) -> RoutingTrace:
+    """One trace holding the examples of ``traces`` in order (e.g. a dataset traced in batches).
+
+    The traces must cover the same MoE layers and expert count, with the same top-k, and
+    either all or none carry router logits. Tensors are moved to the first trace's device.
+    """
+    if not traces:
+        raise ValueError("concat needs at least one RoutingTrace")
+    first = traces[0]
+    for i, t in enumerate(traces[1:], start=1):
+        if t.layers != first.layers or t.n_experts != first.n_experts or t.top_k != first.top_k:
+            raise ValueError(
+                f"trace {i} differs from trace 0: layers {t.layers} vs {first.layers}, "
+                f"experts {t.n_experts} vs {first.n_experts}, top_k {t.top_k} vs {first.top_k}"
+            )
+        if (t.logits is None) != (first.logits is None):
+            raise ValueError(f"trace {i} and trace 0 differ in whether they carry router logits")
+    dev = first.indices.device
+    return RoutingTrace(
+        layers=first.layers,
+        n_experts=first.n_experts,
+        indices=torch.cat([t.indices.to(dev) for t in traces], dim=1),
+        weights=torch.cat([t.weights.to(dev) for t in traces], dim=1),
+        lengths=torch.cat([t.lengths.to(first.lengths.device) for t in traces]),
+        positions=torch.cat([t.positions.to(first.positions.device) for t in traces]),
+        logits=None
+        if first.logits is None
+        else torch.cat([t.logits.to(dev) for t in traces], dim=1),  # type: ignore[union-attr]
     )
