@@ -49,6 +49,7 @@ __all__ = [
     "rankdata",
     "sign_flip_test",
     "spearman",
+    "wilson_interval",
 ]
 
 Seed = int | torch.Generator | np.random.Generator
@@ -551,3 +552,26 @@ def adjust_pvalues(
     else:
         raise ValueError(f"method must be 'holm' or 'bh', got {method!r}")
     return Correction(p_adjusted=adjusted, reject=adjusted <= alpha, method=method, alpha=alpha)
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> Interval:
+    """Wilson score interval of a binomial proportion ``k / n``.
+
+    Unlike a bootstrap of ``k`` successes in ``n`` trials, it stays informative at the
+    edges: ``0`` of ``n`` gives ``[0, z² / (n + z²)]`` (about ``3.8 / n`` at 95%), where
+    every bootstrap resample would be 0 and the percentile interval ``[0, 0]``.
+    """
+    _check_level(level)
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
+        raise ValueError(f"k and n must be integers, got {k!r}, {n!r}")
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    z = float(torch.special.ndtri(torch.tensor(0.5 + level / 2, dtype=torch.float64)))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(p, low, high)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from interp.train.config import TrainConfig
 from interp.train.data import collate, encode_example, prepare
+from interp.train.evaluate import example_losses
 from interp.train.loop import CHECKPOINT_NAME, TrainResult, cosine_with_warmup, train
 from interp.train.lora import (
     apply_lora,
@@ -57,6 +58,7 @@ __all__ = [
     "cosine_with_warmup",
     "default_target_modules",
     "encode_example",
+    "example_losses",
     "load_adapter",
     "lora_target_names",
     "prepare",
