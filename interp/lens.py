@@ -513,6 +513,8 @@ def accumulated_resid(
     batch: Any = None,
     *,
     layer: int | None = None,
+    incl_mid: bool = False,
+    mlp_input: bool = False,
     positions: Any = None,
     apply_ln: bool = False,
     model: Any = None,
@@ -527,27 +529,69 @@ def accumulated_resid(
             came from when ``positions`` names positions.
         layer: streams entering blocks ``0 … layer - 1``, plus block ``layer``'s input;
             ``None`` (or ``n_layers``) for all, the final residual included.
+        incl_mid: also the residual between attention and MLP (``hook_resid_mid``,
+            labelled ``"{l}_mid"``) of every block before ``layer``, after that block's
+            ``"{l}_pre"``.
+        mlp_input: also block ``layer``'s ``hook_resid_mid`` (the MLP's input) as the last
+            stream, so ``apply_ln`` divides by the MLP input's scale (TransformerLens's
+            ``ln2``); needs ``layer < n_layers`` and a family with a ``resid_mid``
+            (not GPT-NeoX's parallel attention and MLP).
         positions: ``interp.positions.selector`` semantics (``None``: every position).
         apply_ln: as TransformerLens: with every layer, the model's final norm applied to
             each stream with its own scale (weight and bias included, i.e. what
             ``model.unembed`` decodes); with ``layer < n_layers``, each stream centred and
-            divided by block ``layer``'s input scale, before any weight.
+            divided by the scale of the last stream (block ``layer``'s attention input, or
+            its MLP input with ``mlp_input``), before any weight.
         model: the model, when ``source`` is a cache and ``apply_ln=True``.
     """
     model, source = _split(source, model)
     n = _n_layers(source, model)
     last = n if layer is None or layer == -1 else _stream_index(layer, n, "layer")
-    names = [_stream_name(i, n) for i in range(last + 1)]
+    if mlp_input:
+        _check_mlp_input(last, n)
+    names, labels, layers = [], [], []
+    for i in range(last + 1):
+        names.append(_stream_name(i, n))
+        labels.append(f"{i}_pre" if i < n else "final_post")
+        layers.append(i)
+        if (incl_mid and i < last) or (mlp_input and i == last):
+            names.append(_mid_name(source, model, i))
+            labels.append(f"{i}_mid")
+            layers.append(i)
     got = _gather(source, batch, names, positions, model)
     stack = torch.stack([got[name] for name in names])
-    labels = tuple(f"{i}_pre" if i < n else "final_post" for i in range(last + 1))
     if apply_ln:
         spec = _needs_model(model)
         if last == n:
             stack = _normalize(spec.norm, stack)
         else:
             stack = apply_ln_to_stack(spec.norm, stack, stack[-1])
-    return ResidStack(stack, labels, tuple(range(last + 1)))
+    return ResidStack(stack, tuple(labels), tuple(layers))
+
+
+def _check_mlp_input(last: int, n: int) -> None:
+    if last == n:
+        raise ValueError(
+            f"mlp_input=True reads the input of block `layer`'s MLP; the final residual "
+            f"(layer={n} = n_layers, or None / -1) has no MLP after it: pass layer < {n}"
+        )
+
+
+def _mid_name(source: Any, model: Any, layer: int) -> str:
+    """``blocks.{layer}.hook_resid_mid``, or a clear error where the family has none."""
+    name = f"blocks.{layer}.hook_resid_mid"
+    have = model.hook_names if model is not None else source
+    if name not in have:
+        raise ValueError(
+            f"{name} does not exist here"
+            + (
+                f" ({model.cfg.family}: attention and MLP read the same residual in parallel)"
+                if model is not None and getattr(model.cfg, "family", None)
+                else " (not in the cache: capture blocks.*.hook_resid_mid)"
+            )
+            + "; incl_mid / mlp_input need the residual between attention and MLP"
+        )
+    return name
 
 
 def _needs_model(model: Any) -> UnembedSpec:
@@ -576,6 +620,7 @@ def decompose_resid(
     batch: Any = None,
     *,
     layer: int | None = None,
+    mlp_input: bool = False,
     positions: Any = None,
     apply_ln: bool = False,
     model: Any = None,
@@ -589,16 +634,24 @@ def decompose_resid(
     added (GPT-2), ``hook_embed`` with ``pos_embed`` the rest of ``blocks.0.hook_resid_pre``;
     a MoE block is one ``mlp_out``. With ``apply_ln=True`` every component is centred (LayerNorm) and
     divided by the scale of the residual it adds up to (``apply_ln_to_stack``), before the
-    norm's weight. Arguments as in ``accumulated_resid``.
+    norm's weight. With ``mlp_input=True`` (``layer < n_layers``) the decomposed residual
+    is block ``layer``'s MLP input (``hook_resid_mid``): ``{layer}_attn_out`` is added last,
+    and ``apply_ln`` divides by that residual's scale (TransformerLens's ``ln2``). Other
+    arguments as in ``accumulated_resid``.
     """
     model, source = _split(source, model)
     n = _n_layers(source, model)
     last = n if layer is None or layer == -1 else _stream_index(layer, n, "layer")
+    if mlp_input:
+        _check_mlp_input(last, n)
     pos = _has_pos(model, source)
     names = ["blocks.0.hook_resid_pre"] + (["hook_embed"] if pos else [])
     for i in range(last):
         names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
     resid_name = _stream_name(last, n)
+    if mlp_input:
+        resid_name = _mid_name(source, model, last)
+        names.append(f"blocks.{last}.hook_attn_out")
     if apply_ln and resid_name not in names:
         names.append(resid_name)
     got = _gather(source, batch, names, positions, model)
@@ -613,6 +666,10 @@ def decompose_resid(
         parts += [got[f"blocks.{i}.hook_attn_out"], got[f"blocks.{i}.hook_mlp_out"]]
         labels += [f"{i}_attn_out", f"{i}_mlp_out"]
         layers += [i, i]
+    if mlp_input:
+        parts.append(got[f"blocks.{last}.hook_attn_out"])
+        labels.append(f"{last}_attn_out")
+        layers.append(last)
     stack = torch.stack(parts)
     if apply_ln:
         stack = apply_ln_to_stack(_needs_model(model).norm, stack, got[resid_name])

@@ -393,3 +393,82 @@ def test_hf_gpt2_agrees_with_a_hooked_transformer_on_the_same_weights():
             assert (got - ref).abs().max().item() <= 1e-4
     heads = lens.head_results(ours, IDS).results.flatten(0, 1)
     assert (heads - cache.stack_head_results()).abs().max().item() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(("norm", "kv_heads"), [("LN", None), ("RMS", 2)])
+def test_incl_mid_and_mlp_input_agree_with_transformer_lens(norm, kv_heads):
+    ht = _hooked_transformer(norm, kv_heads)
+    model = interp.load(ht)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    _, cache = ht.run_with_cache(ids)
+    for layer in (None, 0, 1, 2):
+        for apply_ln in (False, True):
+            for incl_mid, mlp_input in ((True, False), (False, True), (True, True)):
+                if mlp_input and layer is None:
+                    continue
+                ref, labels = cache.accumulated_resid(
+                    layer=layer,
+                    incl_mid=incl_mid,
+                    mlp_input=mlp_input,
+                    apply_ln=apply_ln,
+                    return_labels=True,
+                )
+                ours = lens.accumulated_resid(
+                    model,
+                    ids,
+                    layer=layer,
+                    incl_mid=incl_mid,
+                    mlp_input=mlp_input,
+                    apply_ln=apply_ln,
+                )
+                assert ours.labels == tuple(labels)
+                assert (ours.resid - ref).abs().max().item() <= 1e-4
+            if layer is not None:
+                ref, labels = cache.decompose_resid(
+                    layer=layer, mlp_input=True, apply_ln=apply_ln, return_labels=True
+                )
+                ours = lens.decompose_resid(
+                    model, ids, layer=layer, mlp_input=True, apply_ln=apply_ln
+                )
+                assert ours.labels == tuple(labels) and ours.labels[-1] == f"{layer}_attn_out"
+                assert (ours.resid - ref).abs().max().item() <= 1e-4
+    # apply_ln with mlp_input divides by the MLP input's scale (ln2), not the block's (ln1).
+    ours = lens.accumulated_resid(model, ids, layer=1, mlp_input=True, apply_ln=True)
+    plain = lens.accumulated_resid(model, ids, layer=1, apply_ln=True)
+    assert (ours.resid[:-1] - plain.resid).abs().max() > 1e-3
+    assert ours.layers == (0, 1, 1) and ours.labels == ("0_pre", "1_pre", "1_mid")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2_moe"])
+def test_mlp_input_decomposition_adds_up_to_resid_mid(family):
+    model = _tiny(family)
+    _, cache = model.run_with_cache(IDS, names_filter="blocks.*.hook_resid_mid")
+    for layer in (0, 2):
+        parts = lens.decompose_resid(model, IDS, layer=layer, mlp_input=True)
+        mid = cache[f"blocks.{layer}.hook_resid_mid"]
+        assert (parts.resid.sum(0) - mid).abs().max().item() <= 1e-4
+    mids = lens.accumulated_resid(model, IDS, incl_mid=True)
+    n = model.cfg.n_layers
+    assert len(mids.labels) == 2 * n + 1 and mids.labels[1] == "0_mid"
+    torch.testing.assert_close(mids["1_mid"], cache["blocks.1.hook_resid_mid"])
+    # From a cache of the run, without the model.
+    _, full = model.run_with_cache(IDS)
+    from_cache = lens.accumulated_resid(full, incl_mid=True)
+    torch.testing.assert_close(from_cache.resid, mids.resid)
+
+
+def test_incl_mid_and_mlp_input_refuse_what_has_no_meaning():
+    model = _tiny("llama")
+    with pytest.raises(ValueError, match="no MLP after it: pass layer < 3"):
+        lens.accumulated_resid(model, IDS, mlp_input=True)
+    with pytest.raises(ValueError, match="no MLP after it"):
+        lens.decompose_resid(model, IDS, layer=3, mlp_input=True)
+    neox = _tiny("gpt_neox")  # parallel attention and MLP: no resid_mid
+    with pytest.raises(ValueError, match=r"hook_resid_mid does not exist.*parallel"):
+        lens.accumulated_resid(neox, IDS, incl_mid=True)
+    with pytest.raises(ValueError, match="hook_resid_mid does not exist"):
+        lens.decompose_resid(neox, IDS, layer=1, mlp_input=True)
+    cache = interp.capture(model, IDS, "blocks.*.hook_resid_pre")
+    with pytest.raises(ValueError, match="not in the cache"):
+        lens.accumulated_resid(cache, layer=2, incl_mid=True)
