@@ -16,8 +16,8 @@ model:
   ``--context``-token windows and stops after the layer); one epoch of
   ``get_filtered_llm_batch``, without its shuffling buffer. The store's windows hold a
   different number of tokens, so its comparison is per token. An extra variant runs
-  ``capture_dataset`` on the texts pre-sorted by length: the padding it would save by
-  sorting rows itself (as ``score`` does).
+  ``capture_dataset`` in input order (``length_window=1``): what its default sorting by
+  length within windows saves in padding.
 * ``runs.score`` (per-token log-probabilities, per-example mean NLL) vs a naive loop (one
   forward + float32 log-softmax per example) and a plain batched loop.
 
@@ -152,7 +152,9 @@ def generate_group(model, args, layer: int, sync) -> dict:
     }
     print(f"generate: {len(prompts)} prompts × {n} new tokens, batch {bs}; {check}", flush=True)
     with torch.no_grad():
-        res = harness.interleaved(variants, "plain generate loop", args.rounds, 2, sync)
+        res = harness.interleaved(
+            variants, "plain generate loop", args.rounds, 2, sync, clock=args.clock
+        )
     tokens = len(prompts) * n
     for r in res.values():
         r["tokens"] = tokens
@@ -261,19 +263,18 @@ def capture_group(model, args, layer: int, sync) -> dict:
                 handle.remove()
         return torch.cat(out)
 
-    def ours():
-        return runs.capture_dataset(model, texts, name, batch_size=bs, progress=False)
+    def ours(window: int = 16):  # 16: the default length-sorting window (batches)
+        return runs.capture_dataset(
+            model, texts, name, batch_size=bs, length_window=window, progress=False
+        )
 
     by_length = sorted(texts, key=lambda t: -len(tok(t)["input_ids"]))
-
-    def ours_sorted():  # what sorting rows by length inside capture_dataset would save
-        return runs.capture_dataset(model, by_length, name, batch_size=bs, progress=False)
 
     variants = {
         "plain forward loop (torch hook)": plain,
         f"plain forward loop, stopped after layer {layer}": lambda: plain(stop=True),
         "runs.capture_dataset": ours,
-        "runs.capture_dataset, texts pre-sorted by length": ours_sorted,
+        "runs.capture_dataset, input order (length_window=1)": lambda: ours(1),
     }
     with torch.no_grad():
         ref, mine = plain(), ours()[name]
@@ -331,8 +332,8 @@ def capture_group(model, args, layer: int, sync) -> dict:
             res, "runs.capture_dataset", f"plain forward loop, stopped after layer {layer}"
         ),
     }
-    pairs["runs.capture_dataset, texts sorted by length / as given"] = pair(
-        res, "runs.capture_dataset, texts pre-sorted by length", "runs.capture_dataset"
+    pairs["runs.capture_dataset, length-sorted (default) / input order"] = pair(
+        res, "runs.capture_dataset", "runs.capture_dataset, input order (length_window=1)"
     )
     if "SAELens ActivationsStore" in res:
         pairs["runs.capture_dataset / SAELens ActivationsStore, per token"] = pair(
@@ -415,6 +416,13 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=128, help="SAELens store context_size")
     p.add_argument("--scale", type=float, default=4.0, help="steering scale")
     p.add_argument("--only", default="generate,capture,score", help="groups to run")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="cpu",
+        help="generate group's clock: cpu (process CPU seconds: robust to neighbours on a "
+        "shared machine; default) or wall (on CUDA, wall is used whatever this says)",
+    )
     p.add_argument("--no-saelens", action="store_true", help="skip SAELens's store")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out", default=None)
@@ -423,6 +431,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds = min(args.rounds, 3)
+    if args.device != "cpu":
+        args.clock = "wall"  # CUDA work is asynchronous: this process's CPU time misses it
     groups = [g for g in args.only.split(",") if g]
     torch.manual_seed(0)
     machine = harness.machine_info()
@@ -434,6 +444,7 @@ def main(argv=None) -> dict:
         "device": args.device,
         "model": args.model,
         "rounds": args.rounds,
+        "generate_clock": args.clock,
         "target": {"generate_max_time_ratio": GEN_TARGET, "generate_min_throughput": 0.98},
     }
     if "generate" in groups:
@@ -465,7 +476,8 @@ def main(argv=None) -> dict:
         d = payload["generate"]
         notes.append(
             f"generate: {d['prompts']} prompts, {d['new_tokens']} new tokens each "
-            f"(min_new_tokens = max_new_tokens), steering at layer {d['layer']}; "
+            f"(min_new_tokens = max_new_tokens), steering at layer {d['layer']}; timed on the "
+            f"{args.clock} clock ({'process CPU seconds' if args.clock == 'cpu' else 'wall'}); "
             f"checks {d['check']}."
         )
     if "capture" in payload:

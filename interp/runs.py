@@ -880,14 +880,15 @@ def _stop_layer(model: Any, names: Sequence[str]) -> int | None:
 
 def _iter_batches(
     model: Any, data: Any, batch_size: int, chat: _ChatOptions = _DEFAULT_CHAT
-) -> Iterator[list[_Row]]:
-    """Lists of rows, ``batch_size`` inputs each (one per ``Batch`` of an iterable of them)."""
+) -> Iterator[tuple[list[_Row], bool]]:
+    """``(rows, sortable)``: lists of ``batch_size`` inputs each; one per ``Batch`` of an
+    iterable of them, which is run as given (``sortable`` False)."""
     if isinstance(data, Generations):
         data = data.batch
     if isinstance(data, Batch):
         rows = _rows_from_batch(data)
         for s in range(0, len(rows), batch_size):
-            yield rows[s : s + batch_size]
+            yield rows[s : s + batch_size], True
         return
     if isinstance(data, str) or _is_conversation(data):
         data = [data]
@@ -901,14 +902,35 @@ def _iter_batches(
         if isinstance(item, Batch):
             if chunk:
                 raise TypeError("mix of Batches and texts/conversations; pass one kind")
-            yield _rows_from_batch(item)
+            yield _rows_from_batch(item), False
             continue
         chunk.extend(_row_of(model, item, False, chat))
         if len(chunk) >= batch_size:
-            yield chunk
+            yield chunk, True
             chunk = []
     if chunk:
-        yield chunk
+        yield chunk, True
+
+
+def _windows(
+    batches: Iterator[tuple[list[_Row], bool]], size: int
+) -> Iterator[tuple[list[list[_Row]], bool]]:
+    """Consecutive sortable chunks grouped ``size`` at a time (rows are sorted by length within
+    a window); an unsortable chunk (a caller's own ``Batch``) is a window of its own."""
+    window: list[list[_Row]] = []
+    for rows, sortable in batches:
+        if not sortable:
+            if window:
+                yield window, True
+                window = []
+            yield [rows], False
+            continue
+        window.append(rows)
+        if len(window) >= size:
+            yield window, True
+            window = []
+    if window:
+        yield window, True
 
 
 def _fingerprint(rows: Sequence[_Row], config: str) -> str:
@@ -1052,8 +1074,9 @@ def _capture_rows(
     plan: _Plan,
     dtype: torch.dtype | None,
     stop: int | None,
-    offset: int,
+    ids: Tensor,
 ) -> DatasetActivations:
+    """One forward pass over ``rows``; ``ids[i]`` is the input index of row ``i``."""
     batch = _collate(rows, _pad_id(model), "right")
     kind, index, example, position = plan.resolve(batch)
     store: dict[str, Tensor] = {}
@@ -1075,9 +1098,46 @@ def _capture_rows(
         raise RuntimeError(f"hooks {missing[:4]} never fired during the forward pass")
     return DatasetActivations(
         acts={n: store[n].contiguous() for n in names},
-        example=example + offset,
+        example=ids[example],
         position=position,
     )
+
+
+def _by_example(acts: DatasetActivations) -> DatasetActivations:
+    """Rows in input order (stable: a token's rows keep their position order)."""
+    order = torch.sort(acts.example, stable=True).indices
+    return DatasetActivations(
+        acts={n: a[order] for n, a in acts.acts.items()},
+        example=acts.example[order],
+        position=acts.position[order],
+    )
+
+
+def _capture_window(
+    model: Any,
+    rows: Sequence[_Row],
+    names: Sequence[str],
+    plan: _Plan,
+    dtype: torch.dtype | None,
+    stop: int | None,
+    offset: int,
+    batch_size: int,
+    sort: bool,
+    tick: Callable[[int], Any] = lambda n: None,
+) -> DatasetActivations:
+    """``rows`` (inputs ``offset`` …) in forward passes of ``batch_size``, longest first when
+    ``sort`` (less padding), returned in input order; ``tick(n)`` after each pass."""
+    order = list(range(len(rows)))
+    if sort:
+        order.sort(key=lambda i: -len(rows[i].ids))
+    parts = []
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        ids = torch.tensor(chunk, dtype=torch.long) + offset
+        parts.append(_capture_rows(model, [rows[i] for i in chunk], names, plan, dtype, stop, ids))
+        tick(len(chunk))
+    out = _concat(parts, names)
+    return _by_example(out) if sort else out
 
 
 def capture_dataset(
@@ -1093,6 +1153,7 @@ def capture_dataset(
     to: str | Path | None = None,
     chat_format: Any = "template",
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    length_window: int = 16,
     progress: bool = True,
 ) -> DatasetActivations | ShardedActivations:
     """Activations of a whole dataset at ``names``: the one way to turn data into rows.
@@ -1123,6 +1184,12 @@ def capture_dataset(
         chat_format: how conversations are rendered (``interp.chat.encode``).
         chat_template_kwargs: keyword arguments for the chat template (e.g.
             ``{"enable_thinking": False}``).
+        length_window: run the inputs longest first within windows of this many batches
+            (inputs of similar length share a forward pass, so less of it is padding); rows
+            still come back in input order. ``1`` runs them in input order. With ``to=``,
+            a window's shards are written when the window completes, so an interruption
+            loses at most one window. Batches of an iterable of ``Batch`` objects are run
+            as given.
         progress: show a tqdm bar.
 
     The forward pass stops after the last block asked for when the model supports
@@ -1134,6 +1201,8 @@ def capture_dataset(
         ``position`` per row), or ``ShardedActivations`` for a folder.
     """
     _check_batch_size(batch_size)
+    if isinstance(length_window, bool) or not isinstance(length_window, int) or length_window < 1:
+        raise ValueError(f"length_window must be a positive int, got {length_window!r}")
     chat = _ChatOptions.of(chat_format, chat_template_kwargs)
     resolved = model.resolve(names)
     if not resolved:
@@ -1142,9 +1211,15 @@ def capture_dataset(
     specials = torch.tensor(special_ids(tok) if tok is not None else [], dtype=torch.long)
     plan = _Plan(positions, pool, exclude_special, specials)
     stop = _stop_layer(model, resolved)
-    config = json.dumps(
-        {"names": resolved, "plan": plan.describe(), "dtype": str(dtype), "bs": batch_size}
-    )
+    settings: dict[str, Any] = {
+        "names": resolved,
+        "plan": plan.describe(),
+        "dtype": str(dtype),
+        "bs": batch_size,
+    }
+    if length_window > 1:
+        settings["window"] = length_window
+    config = json.dumps(settings)
     out = None if to is None else Path(to)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1167,15 +1242,25 @@ def capture_dataset(
     shards: list[str] = []
     offset = 0
     try:
-        for i, rows in enumerate(_iter_batches(model, data, batch_size, chat)):
+        batches = _iter_batches(model, data, batch_size, chat)
+        for window, sortable in _windows(batches, length_window):
+            sort = sortable and length_window > 1
             if out is None:
-                parts.append(_capture_rows(model, rows, resolved, plan, dtype, stop, offset))
+                rows = [r for chunk in window for r in chunk]
+                parts.append(
+                    _capture_window(
+                        model, rows, resolved, plan, dtype, stop, offset, batch_size, sort,
+                        bar.update,
+                    )
+                )  # fmt: skip
             else:
-                shards.append(
-                    _shard(model, out, i, rows, resolved, plan, dtype, stop, offset, config)
-                )
-            offset += len(rows)
-            bar.update(len(rows))
+                shards.extend(
+                    _shards(
+                        model, out, len(shards), window, resolved, plan, dtype, stop, offset,
+                        config, batch_size, sort, bar.update,
+                    )
+                )  # fmt: skip
+            offset += sum(len(chunk) for chunk in window)
     finally:
         bar.close()
     if offset == 0:
@@ -1195,37 +1280,58 @@ def capture_dataset(
     return ShardedActivations(out, meta)
 
 
-def _shard(
+def _shards(
     model: Any,
     out: Path,
-    i: int,
-    rows: Sequence[_Row],
+    first: int,
+    window: Sequence[Sequence[_Row]],
     names: Sequence[str],
     plan: _Plan,
     dtype: torch.dtype | None,
     stop: int | None,
     offset: int,
     config: str,
-) -> str:
-    """Write shard ``i`` (or reuse it when a previous run wrote it for the same inputs)."""
+    batch_size: int,
+    sort: bool,
+    tick: Callable[[int], Any],
+) -> list[str]:
+    """Write one shard per input chunk of ``window`` (numbered from ``first``), or reuse the
+    shards a previous run wrote for the same inputs and settings."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from interp.cache import atomic_write
 
-    name = f"shard_{i:05d}.safetensors"
-    path = out / name
-    fp = _fingerprint(rows, config)
-    if path.exists():
-        with safe_open(str(path), framework="pt") as f:
-            found = (f.metadata() or {}).get("fingerprint")
-        if found == fp:
-            return name
-        raise ValueError(
-            f"{path} was written for other inputs or settings (fingerprint {found} != {fp}); "
-            "use a new folder"
+    names_out, todo = [], []
+    for i, rows in enumerate(window):
+        name = f"shard_{first + i:05d}.safetensors"
+        path, fp = out / name, _fingerprint(rows, config)
+        names_out.append(name)
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                found = (f.metadata() or {}).get("fingerprint")
+            if found != fp:
+                raise ValueError(
+                    f"{path} was written for other inputs or settings (fingerprint {found} != "
+                    f"{fp}); use a new folder"
+                )
+        else:
+            todo.append((i, path, fp))
+    if not todo:
+        tick(sum(len(chunk) for chunk in window))
+        return names_out
+    rows = [r for chunk in window for r in chunk]
+    acts = _capture_window(model, rows, names, plan, dtype, stop, offset, batch_size, sort, tick)
+    bounds = [offset]
+    for chunk in window:
+        bounds.append(bounds[-1] + len(chunk))
+    edges = torch.searchsorted(acts.example, torch.tensor(bounds), right=False).tolist()
+    for i, path, fp in todo:
+        lo, hi = edges[i], edges[i + 1]
+        tensors = {n: a[lo:hi].contiguous() for n, a in acts.acts.items()}
+        tensors["__example__"] = acts.example[lo:hi].contiguous()
+        tensors["__position__"] = acts.position[lo:hi].contiguous()
+        atomic_write(
+            path, lambda tmp, t=tensors, f=fp: save_file(t, tmp, metadata={"fingerprint": f})
         )
-    acts = _capture_rows(model, rows, names, plan, dtype, stop, offset)
-    tensors = {**acts.acts, "__example__": acts.example, "__position__": acts.position}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": fp}))
-    return name
+    return names_out

@@ -451,8 +451,10 @@ def test_capture_dataset_chat_positions_and_masks(llama):
 
 
 def test_capture_dataset_shards_resume(llama, tmp_path):
+    """Batch-granular resume (length_window=1): every finished batch is a shard on disk."""
     texts = [f"text number {i} " * (1 + i % 3) for i in range(7)]
     expected = runs.capture_dataset(llama, texts, NAMES, pool="mean", batch_size=2, progress=False)
+    kw = {"pool": "mean", "batch_size": 2, "length_window": 1, "progress": False}
 
     def interrupted():
         for i, t in enumerate(texts):
@@ -462,9 +464,7 @@ def test_capture_dataset_shards_resume(llama, tmp_path):
 
     folder = tmp_path / "acts"
     with pytest.raises(KeyboardInterrupt):
-        runs.capture_dataset(
-            llama, interrupted(), NAMES, pool="mean", batch_size=2, to=folder, progress=False
-        )
+        runs.capture_dataset(llama, interrupted(), NAMES, to=folder, **kw)
     assert sorted(p.name for p in folder.glob("shard_*")) == [
         "shard_00000.safetensors",
         "shard_00001.safetensors",
@@ -474,9 +474,7 @@ def test_capture_dataset_shards_resume(llama, tmp_path):
 
     forwards = []
     with llama.hooks(fwd=[("hook_embed", lambda t, h: forwards.append(t.shape[0]))]):
-        done = runs.capture_dataset(
-            llama, texts, NAMES, pool="mean", batch_size=2, to=folder, progress=False
-        )
+        done = runs.capture_dataset(llama, texts, NAMES, to=folder, **kw)
     assert sum(forwards) == 3  # only texts 4, 5 and 6 ran again
     assert isinstance(done, runs.ShardedActivations) and len(done) == 7
     loaded = done.load()
@@ -489,9 +487,73 @@ def test_capture_dataset_shards_resume(llama, tmp_path):
             llama, texts, NAMES, pool="last", batch_size=2, to=folder, progress=False
         )
     with pytest.raises(ValueError, match="other inputs"):
-        runs.capture_dataset(
-            llama, texts[::-1], NAMES, pool="mean", batch_size=2, to=folder, progress=False
-        )
+        runs.capture_dataset(llama, texts[::-1], NAMES, to=folder, **kw)
+
+
+# Lengths 1..12 tokens-ish in a shuffled order, so length sorting regroups the batches.
+UNEVEN = [("word " * n).strip() + f" {n}" for n in (3, 11, 1, 7, 12, 2, 9, 5, 4, 10, 6, 8)]
+
+
+def _padded_tokens(model, fn):
+    shapes = []
+    with model.hooks(fwd=[("hook_embed", lambda t, h: shapes.append(t.shape[:2]))]):
+        out = fn()
+    return out, sum(b * t for b, t in shapes)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "mean", "last"])
+def test_capture_dataset_length_sorting_keeps_input_order(llama, mode):
+    kw = {"tokens": {}, "mean": {"pool": "mean"}, "last": {"pool": "last"}}[mode]
+    plain, padded_plain = _padded_tokens(
+        llama,
+        lambda: runs.capture_dataset(
+            llama, UNEVEN, NAMES, batch_size=3, length_window=1, progress=False, **kw
+        ),
+    )
+    ordered, padded_sorted = _padded_tokens(
+        llama,
+        lambda: runs.capture_dataset(
+            llama, UNEVEN, NAMES, batch_size=3, length_window=4, progress=False, **kw
+        ),
+    )
+    assert padded_sorted < padded_plain  # the point of sorting: less padding
+    assert ordered.example.tolist() == plain.example.tolist()
+    assert ordered.position.tolist() == plain.position.tolist()
+    for name in NAMES:
+        torch.testing.assert_close(ordered[name], plain[name], rtol=1e-4, atol=1e-5)
+    # and equal to one text at a time
+    for i, text in enumerate(UNEVEN):
+        one = runs.capture_dataset(llama, [text], NAMES, progress=False, **kw)
+        rows = ordered.example == i
+        torch.testing.assert_close(ordered[NAMES[0]][rows], one[NAMES[0]], rtol=1e-4, atol=1e-5)
+
+
+def test_capture_dataset_sorted_shards_resume_by_window(llama, tmp_path):
+    kw = {"pool": "mean", "batch_size": 2, "length_window": 2, "progress": False}
+    expected = runs.capture_dataset(
+        llama, UNEVEN, NAMES, pool="mean", length_window=1, progress=False
+    )
+
+    def interrupted():
+        for i, t in enumerate(UNEVEN):
+            if i == 9:  # inside the third window (texts 8..11)
+                raise KeyboardInterrupt("simulated interruption")
+            yield t
+
+    folder = tmp_path / "acts"
+    with pytest.raises(KeyboardInterrupt):
+        runs.capture_dataset(llama, interrupted(), NAMES, to=folder, **kw)
+    assert len(list(folder.glob("shard_*"))) == 4  # two whole windows of two batches
+    forwards = []
+    with llama.hooks(fwd=[("hook_embed", lambda t, h: forwards.append(t.shape[0]))]):
+        done = runs.capture_dataset(llama, UNEVEN, NAMES, to=folder, **kw)
+    assert sum(forwards) == 4  # only the last window ran again
+    loaded = done.load()
+    assert loaded.example.tolist() == list(range(len(UNEVEN)))
+    for name in NAMES:
+        torch.testing.assert_close(loaded[name], expected[name], rtol=1e-4, atol=1e-5)
+    # each shard holds its own batch's examples, in order
+    assert [s.example.tolist() for s in done] == [[2 * i, 2 * i + 1] for i in range(6)]
 
 
 def test_capture_dataset_stops_after_the_last_block_asked(llama):
@@ -516,6 +578,8 @@ def test_capture_dataset_refuses_bad_input(llama):
         runs.capture_dataset(llama, ["<|im_start|>"], NAMES, pool="mean", progress=False)
     with pytest.raises(ValueError, match="out of range"):
         runs.capture_dataset(llama, TEXTS, NAMES, positions=5, progress=False)
+    with pytest.raises(ValueError, match="length_window"):
+        runs.capture_dataset(llama, TEXTS, NAMES, length_window=0, progress=False)
     with pytest.raises(TypeError, match=r"interp\.capture"):
         runs.capture_dataset(
             llama, TEXTS, NAMES, positions=torch.ones(4, 3, dtype=torch.bool), progress=False
