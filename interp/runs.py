@@ -310,8 +310,37 @@ def _row_seed(seed: int, prompt: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _sampler(uniforms: Tensor, prompt_len: int, temperature: float, top_p: float) -> Any:
-    """A logits processor that samples (temperature, then top-p) with the given uniforms.
+def _sampling_probs(
+    scores: Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> Tensor:
+    """The distribution ``transformers`` samples from with the same settings: temperature,
+    then top-k (ties with the k-th score kept), top-p (the smallest set of most likely tokens
+    whose mass reaches ``top_p``), then min-p (tokens at least ``min_p`` × the most likely
+    one); unnormalised (zeros outside the kept set)."""
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    if top_k > 0 and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        total = probs.sum(-1, keepdim=True)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p * total, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def _sampler(
+    uniforms: Tensor,
+    prompt_len: int,
+    temperature: float,
+    top_p: float,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> Any:
+    """A logits processor that samples (``_sampling_probs``) with the given uniforms.
 
     ``uniforms[row, step]`` decides the token of ``row`` at ``step`` by inverse-CDF
     sampling, so each row's samples depend on its own seed only, not on the batch it ran
@@ -325,12 +354,7 @@ def _sampler(uniforms: Tensor, prompt_len: int, temperature: float, top_p: float
         def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
             step = input_ids.shape[1] - prompt_len
             u = uniforms[:, step].to(device=scores.device, dtype=torch.float32)
-            probs = torch.softmax(scores.float() / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
-                sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            probs = _sampling_probs(scores, temperature, top_k, top_p, min_p)
             cdf = probs.cumsum(-1)
             target = (u * cdf[:, -1]).unsqueeze(-1)
             token = torch.searchsorted(cdf, target, right=True)
@@ -428,6 +452,8 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     n: int = 1,
     seed: int = 0,
     stop: str | Sequence[str] | None = None,
@@ -450,8 +476,9 @@ def generate(
         max_new_tokens: the most tokens generated per row.
         batch_size: rows per ``generate`` call (prompts are sorted by length first, so
             rows of similar length share a batch; the result is in prompt order).
-        do_sample: sample (``temperature``, then ``top_p`` nucleus filtering) instead of
-            greedy decoding.
+        do_sample: sample instead of greedy decoding: ``temperature``, then ``top_k``
+            (0: off), ``top_p`` (nucleus) and ``min_p`` (0: off) filtering, in that order
+            and with the semantics of ``transformers``' warpers.
         n: samples per prompt (needs ``do_sample=True``).
         seed: sampling seed. Sample ``s`` of prompt ``p`` is drawn from its own random
             stream, seeded by ``(seed, p, s)``: a rerun gives the same samples whatever the
@@ -504,10 +531,14 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature!r} (use do_sample=False)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not do_sample and (temperature != 1.0 or top_p != 1.0):
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p must be in [0, 1) (0: off), got {min_p!r}")
+    if not do_sample and (temperature != 1.0 or top_p != 1.0 or top_k or min_p):
         raise ValueError(
-            f"temperature={temperature} / top_p={top_p} apply to sampling: pass do_sample=True "
-            "(greedy decoding ignores them)"
+            f"temperature={temperature} / top_p={top_p} / top_k={top_k} / min_p={min_p} apply "
+            "to sampling: pass do_sample=True (greedy decoding ignores them)"
         )
     if hooks_on not in ("all", "generated"):
         raise ValueError(f"hooks_on must be 'all' or 'generated', got {hooks_on!r}")
@@ -558,7 +589,7 @@ def generate(
                         for j in chunk
                     ]
                 )
-                processors.append(_sampler(uniforms, P, temperature, top_p))
+                processors.append(_sampler(uniforms, P, temperature, top_p, top_k, min_p))
             if stops:
                 criteria.append(_stop_criteria(tok, stops, P))
             kwargs: dict[str, Any] = dict(

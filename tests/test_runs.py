@@ -156,6 +156,41 @@ def test_sampling_follows_temperature_and_top_p(llama):
     assert tv < 0.08, tv
 
 
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [(0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.05), (0.9, 20, 0.9, 0.02)],
+)
+def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, top_p, min_p):
+    """What runs.generate samples from is transformers' warper chain (temperature, top-k,
+    top-p, min-p), exactly; ties with the k-th score are kept as transformers keeps them."""
+    from transformers import MinPLogitsWarper, TopKLogitsWarper
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 50, generator=gen) * 3
+    if top_k and top_p == 1:  # a tie at the k-th score (nucleus boundaries at ties are arbitrary)
+        scores[0] = scores[0].sort(descending=True).values
+        scores[0, top_k - 2 : top_k + 2] = scores[0, top_k - 1]
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    ref = TemperatureLogitsWarper(temperature)(ids, scores.clone())
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(ids, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(ids, ref)
+    if min_p:
+        ref = MinPLogitsWarper(min_p)(ids, ref)
+    expected = ref.softmax(-1)
+    got = runs._sampling_probs(scores, temperature, top_k, top_p, min_p)
+    got = got / got.sum(-1, keepdim=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_one_and_min_p_near_one_are_greedy(llama):
+    greedy = runs.generate(llama, TEXTS, max_new_tokens=5, progress=False)
+    for kw in ({"top_k": 1}, {"min_p": 0.999}):
+        out = runs.generate(llama, TEXTS, max_new_tokens=5, do_sample=True, progress=False, **kw)
+        assert out.token_ids == greedy.token_ids, kw
+
+
 def test_stop_strings(llama):
     full = runs.generate(llama, TEXTS, max_new_tokens=12, progress=False)
     text = full.texts[0]
@@ -230,6 +265,11 @@ def test_generate_refuses_bad_input(llama):
         runs.generate(llama, TEXTS, max_new_tokens=3, n=2, progress=False)
     with pytest.raises(ValueError, match="do_sample=True"):
         runs.generate(llama, TEXTS, max_new_tokens=3, temperature=0.7, progress=False)
+    with pytest.raises(ValueError, match="do_sample=True"):
+        runs.generate(llama, TEXTS, max_new_tokens=3, top_k=5, progress=False)
+    for bad in ({"top_k": -1}, {"min_p": 1.0}, {"min_p": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            runs.generate(llama, TEXTS, max_new_tokens=3, do_sample=True, progress=False, **bad)
     with pytest.raises(ValueError, match="max_new_tokens"):
         runs.generate(llama, TEXTS, max_new_tokens=0, progress=False)
     with pytest.raises(ValueError, match="assistant"):
