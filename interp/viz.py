@@ -20,7 +20,12 @@ script is loaded from a remote URL. Each render carries the ~1.3 MB bundle.
 * :func:`expert_choices_html` — per-token MoE expert choices: one selectable series
   per (layer, expert) whose value is the gate weight the token gave that expert (0 when
   not routed there); hovering a token lists all of them.
-* :func:`attention_html` — attention patterns ``[heads, dest, src]`` (``AttentionHeads``).
+* :func:`attention_html` — attention patterns ``[heads, dest, src]`` (``AttentionHeads``,
+  or ``AttentionPatterns`` with ``kind="patterns"``).
+* :func:`attention_view` — the same from a capture: one layer's ``attn.hook_pattern`` of
+  one batch row, run from a model or read from an ``ActivationCache``, with the row's
+  tokens from the tokenizer and its padding (left or right) stripped by the batch's
+  attention mask (:func:`attention_row` returns the stripped tokens and pattern).
 
 **Figures.** :func:`heatmap`, :func:`line_with_band` and :func:`bars_with_interval`
 draw on a ``matplotlib.figure.Figure`` bound to the Agg canvas directly — not through
@@ -40,15 +45,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.cache import atomic_write
 from interp.moe.trace import RoutingTrace
 
 __all__ = [
+    "AttentionRow",
     "Html",
     "assert_self_contained",
     "attention_html",
+    "attention_row",
+    "attention_view",
     "bars_with_interval",
     "expert_choices_html",
     "heatmap",
@@ -323,14 +332,21 @@ def attention_html(
     pattern: ArrayLike,
     *,
     head_names: Sequence[str] | None = None,
+    kind: str = "heads",
     mask_upper_tri: bool = True,
     min_value: float | None = None,
     max_value: float | None = None,
 ) -> Html:
     """Attention patterns ``[heads, dest, src]`` (or one ``[dest, src]``) as heatmaps per head.
 
-    ``mask_upper_tri`` hides the future half of causal attention.
+    ``kind="heads"`` is circuitsvis's ``attention_heads`` (a thumbnail per head, one
+    enlarged; ``head_names``, ``mask_upper_tri`` — hiding the future half of causal
+    attention — and the color range apply); ``kind="patterns"`` is ``attention_patterns``
+    (the tokens, colored by the attention of the token hovered, per head), which takes
+    none of those options.
     """
+    if kind not in ("heads", "patterns"):
+        raise ValueError(f"kind must be 'heads' or 'patterns', got {kind!r}")
     p = _as_tensor(pattern, "pattern").float()
     if p.ndim == 2:
         p = p[None]
@@ -341,6 +357,13 @@ def attention_html(
     import circuitsvis.attention
 
     toks = _check_tokens(tokens, p.shape[1], "pattern")
+    if kind == "patterns":
+        if head_names is not None or min_value is not None or max_value is not None:
+            raise ValueError(
+                "kind='patterns' (circuitsvis attention_patterns) takes no head names or color "
+                "range; use kind='heads'"
+            )
+        return _local(circuitsvis.attention.attention_patterns(toks, p))
     return _local(
         circuitsvis.attention.attention_heads(
             p,
@@ -350,6 +373,180 @@ def attention_html(
             min_value=min_value,
             mask_upper_tri=mask_upper_tri,
         )
+    )
+
+
+@dataclass(frozen=True)
+class AttentionRow:
+    """One batch row's attention pattern at one layer, padding stripped.
+
+    Attributes:
+        tokens: the row's display strings (:func:`str_tokens`), padding left out.
+        pattern: ``[head, pos, pos]`` (query, key) over those tokens only, float32.
+        heads: the head index of each entry of ``pattern``.
+        columns: the batch columns kept (where the row's attention mask is 1).
+        layer: the block the pattern belongs to.
+    """
+
+    tokens: list[str]
+    pattern: Float[Tensor, "head pos pos"]
+    heads: tuple[int, ...]
+    columns: Int[Tensor, " pos"]
+    layer: int
+
+    @property
+    def head_names(self) -> list[str]:
+        """``"L{layer}H{head}"`` per entry of ``pattern``."""
+        return [f"L{self.layer}H{h}" for h in self.heads]
+
+
+def _row_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` of a ``Batch``, a dict or an id tensor (no text)."""
+    from interp.positions import Batch
+
+    if isinstance(batch, Batch):
+        return batch.input_ids, batch.attention_mask
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        ids = torch.as_tensor(batch["input_ids"])
+        mask = batch.get("attention_mask")
+        return ids, torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if isinstance(batch, Tensor) and not batch.is_floating_point():
+        ids = batch[None] if batch.ndim == 1 else batch
+        return ids, torch.ones_like(ids)
+    raise TypeError(
+        "with a cache, pass the batch it was captured from (an interp Batch, a dict with "
+        f"input_ids / attention_mask, or [batch, pos] ids), got {type(batch).__name__}; text "
+        "needs the model (pass the model instead of the cache)"
+    )
+
+
+def attention_row(
+    pattern: Float[Tensor, "..."],  # [batch, head, pos, pos]; checked below, naming the shapes
+    batch: Any,
+    tokenizer: Any,
+    *,
+    row: int = 0,
+    heads: Sequence[int] | None = None,
+    layer: int = 0,
+) -> AttentionRow:
+    """One row of a captured ``attn.hook_pattern``, its padding stripped, with its tokens.
+
+    Args:
+        pattern: ``[batch, head, pos, pos]``, captured at every position.
+        batch: the ``Batch`` (or dict / ids) the pattern was captured from; its attention
+            mask says which columns of ``row`` are tokens (padding on either side, or
+            anywhere, is dropped from both the query and the key axis).
+        tokenizer: decodes each kept token id (:func:`str_tokens`).
+        row: the batch row.
+        heads: keep these heads (default: all), in this order.
+        layer: the block, for the head names.
+    """
+    ids, mask = _row_batch(batch)
+    p = pattern.detach() if isinstance(pattern, Tensor) else torch.as_tensor(pattern)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise ValueError(
+            f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be "
+            "[batch, pos]"
+        )
+    B, T = ids.shape
+    if p.ndim != 4 or p.shape[0] != B or p.shape[2] != T or p.shape[3] != T:
+        raise ValueError(
+            f"pattern of shape {tuple(p.shape)} does not fit the batch: expected [batch={B}, "
+            f"heads, {T}, {T}] for input_ids of shape {(B, T)} (capture attn.hook_pattern at "
+            "every position, positions=None, from this batch)"
+        )
+    if isinstance(row, bool) or not isinstance(row, int) or not -B <= row < B:
+        raise ValueError(f"row must be an int in [-{B}, {B}) for a batch of {B} rows, got {row!r}")
+    n_heads = p.shape[1]
+    wanted = tuple(range(n_heads)) if heads is None else tuple(heads)
+    bad = [h for h in wanted if isinstance(h, bool) or not isinstance(h, int)]
+    bad += [h for h in wanted if isinstance(h, int) and not -n_heads <= h < n_heads]
+    if bad or not wanted:
+        raise ValueError(f"heads must be ints in [0, {n_heads}) for this pattern, got {heads!r}")
+    wanted = tuple(h % n_heads for h in wanted)
+    keep = mask[row].reshape(-1).bool().cpu()
+    columns = keep.nonzero().flatten()
+    q = p[row].cpu().float()[list(wanted)]
+    q = q[:, columns][:, :, columns]
+    tokens = str_tokens(tokenizer, ids[row].cpu(), keep)
+    return AttentionRow(tokens, q, wanted, columns, layer)
+
+
+def attention_view(
+    source: Any,
+    batch: Any,
+    layer: int,
+    *,
+    row: int = 0,
+    heads: Sequence[int] | None = None,
+    kind: str = "heads",
+    tokenizer: Any = None,
+    mask_upper_tri: bool = True,
+    min_value: float | None = None,
+    max_value: float | None = None,
+) -> Html:
+    """circuitsvis attention view of one layer for one batch row, from a capture.
+
+    The TransformerLens recipe ``cv.attention.attention_heads(cache["pattern", layer][0],
+    model.to_str_tokens(text))`` in one call, with padding stripped (:func:`attention_row`):
+
+    * ``attention_view(model, text_or_batch, layer)`` runs ``model`` on the batch and
+      captures ``blocks.{layer}.attn.hook_pattern``; the tokenizer is the model's.
+    * ``attention_view(cache, batch, layer, tokenizer=model.tokenizer)`` reads an
+      ``ActivationCache`` (``run_with_cache``, ``capture`` at every position) holding that
+      pattern; ``batch`` is the ``Batch`` (or ids) it came from.
+
+    Args:
+        layer: the block (negative counts from the end).
+        row: the batch row shown; its padding (per the attention mask) is left out.
+        heads: the heads shown (default: all), named ``"L{layer}H{head}"``.
+        kind: ``"heads"`` (circuitsvis ``attention_heads``) or ``"patterns"``
+            (``attention_patterns``); see :func:`attention_html`.
+        tokenizer: for a cache source (default: the model's).
+        mask_upper_tri, min_value, max_value: as in :func:`attention_html` (``"heads"``).
+    """
+    if isinstance(source, Mapping):
+        if tokenizer is None:
+            raise TypeError("a cache source needs tokenizer= (e.g. model.tokenizer)")
+        n_layers = getattr(source, "meta", {}).get("n_layers")
+        if layer < 0 and n_layers is not None:
+            layer += int(n_layers)
+        name = f"blocks.{layer}.attn.hook_pattern"
+        if name not in source:
+            raise KeyError(
+                f"the cache has no {name!r}; capture it at every position, e.g. "
+                f"interp.capture(model, batch, {name!r})"
+            )
+        pattern = source[name]
+    else:
+        from interp.activations import capture
+        from interp.positions import as_batch
+
+        n_layers = source.cfg.n_layers
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int)
+            or not -n_layers <= layer < n_layers
+        ):
+            raise ValueError(
+                f"layer must be an int in [-{n_layers}, {n_layers}) for this {n_layers}-layer "
+                f"model, got {layer!r}"
+            )
+        layer %= n_layers
+        batch = as_batch(source, batch)
+        name = f"blocks.{layer}.attn.hook_pattern"
+        pattern = capture(source, batch, name)[name]
+        tokenizer = source.tokenizer if tokenizer is None else tokenizer
+    view = attention_row(pattern, batch, tokenizer, row=row, heads=heads, layer=layer)
+    names = view.head_names if kind == "heads" else None
+    return attention_html(
+        view.tokens,
+        view.pattern,
+        head_names=names,
+        kind=kind,
+        mask_upper_tri=mask_upper_tri,
+        min_value=min_value,
+        max_value=max_value,
     )
 
 

@@ -176,22 +176,8 @@ def test_heavy_imports_are_inside_functions():
 
 
 # -- the render really runs in a browser -------------------------------------------------------------
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-def test_renders_in_headless_chromium(tmp_path, trace):
-    words = ["zebraqx", "quokkaqx", "narwhalqx"]
-    feature = viz.token_values_html(words, torch.tensor([0.2, -0.7, 1.0]))
-    toks = ["<s>", "Hi", " ze", "bra", "!"]
-    experts = viz.expert_choices_html(toks, trace, layer_labels=["mooselayer0", "m1", "m2"])
-    heads = ["okapihead0", "okapihead1"]
-    attn = viz.attention_html(words, torch.rand(2, 3, 3).softmax(-1), head_names=heads)
-    path = viz.save_html([feature, experts, attn], tmp_path / "page.html")
-    page = path.read_text(encoding="utf-8")
-
-    # Before JavaScript runs, these strings exist only inside the <script> props.
-    static = without_scripts(page)
-    for s in [*words, *heads, "mooselayer0 E"]:
-        assert s in page and s not in static
-
+def dump_dom(path: Path, tmp_path: Path) -> str:
+    """The page's DOM after headless Chromium ran its scripts, scripts removed."""
     out = subprocess.run(
         [
             CHROMIUM,
@@ -212,7 +198,32 @@ def test_renders_in_headless_chromium(tmp_path, trace):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    rendered = without_scripts(out.stdout)
+    return without_scripts(out.stdout)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_renders_in_headless_chromium(tmp_path, trace, tiny_model):
+    from interp.positions import tokenize
+
+    words = ["zebraqx", "quokkaqx", "narwhalqx"]
+    feature = viz.token_values_html(words, torch.tensor([0.2, -0.7, 1.0]))
+    toks = ["<s>", "Hi", " ze", "bra", "!"]
+    experts = viz.expert_choices_html(toks, trace, layer_labels=["mooselayer0", "m1", "m2"])
+    heads = ["okapihead0", "okapihead1"]
+    attn = viz.attention_html(words, torch.rand(2, 3, 3).softmax(-1), head_names=heads)
+    # Attention views from a capture of a left-padded batch: row 0 is 16 pads, then "zebra".
+    batch = tokenize(tiny_model, TEXTS, padding_side="left")
+    captured = viz.attention_view(tiny_model, batch, 1, heads=[0, 3])
+    patterns = viz.attention_view(tiny_model, batch, 1, kind="patterns")
+    path = viz.save_html([feature, experts, attn, captured, patterns], tmp_path / "page.html")
+    page = path.read_text(encoding="utf-8")
+
+    # Before JavaScript runs, these strings exist only inside the <script> props.
+    static = without_scripts(page)
+    for s in [*words, *heads, "mooselayer0 E"]:
+        assert s in page and s not in static
+
+    rendered = dump_dom(path, tmp_path)
     # ColoredTokens puts every token in its own <span>.
     for w in words:
         assert re.search(rf"<span[^>]*>{w}</span>", rendered), w
@@ -224,6 +235,108 @@ def test_renders_in_headless_chromium(tmp_path, trace):
     for h in heads:
         assert h in rendered
     assert rendered.count("<canvas") >= len(heads)
+    # The captured AttentionHeads: a titled thumbnail per head, the first one zoomed.
+    assert "L1H0" in rendered and "L1H3" in rendered and "L1H0 Zoomed" in rendered
+    assert "L1H0" not in static
+    # AttentionPatterns: 5 x 5 canvases (the row without its padding; the head thumbnails
+    # may not be drawn yet when the DOM is dumped, so no count), and one button per token.
+    sizes = re.findall(r'<canvas width="(\d+)" height="(\d+)"', rendered)
+    assert sizes and set(sizes) == {("5", "5")}
+    token_panel = rendered[rendered.index('<div class="tokens">') :]
+    assert re.findall(r"<button[^>]*>([^<]*)</button>", token_panel) == list("zebra")
+
+
+# -- attention views from a capture ------------------------------------------------------------------
+TEXTS = ["zebra", "a longer line of text"]  # the tiny tokenizer is byte-level: 5 and 21 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return interp.tiny("llama", seed=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_row_strips_padding_on_either_side(tiny_model, side):
+    from interp.positions import tokenize
+
+    model = tiny_model
+    batch = tokenize(model, TEXTS, padding_side=side)
+    T = batch.input_ids.shape[1]
+    assert T == 21 and batch.attention_mask[0].sum() == 5  # row 0 is padded by 16
+    _, cache = model.run_with_cache(batch, names_filter="blocks.1.attn.hook_pattern")
+    for row, text in enumerate(TEXTS):
+        alone = tokenize(model, text)  # the row run by itself: no padding at all
+        ref = interp.capture(model, alone, "blocks.1.attn.hook_pattern")
+        ref = ref["blocks.1.attn.hook_pattern"][0]
+        got = viz.attention_row(
+            cache["pattern", 1], batch, model.tokenizer, row=row, heads=[3, 0], layer=1
+        )
+        n = len(text)
+        assert got.pattern.shape == (2, n, n) and len(got.tokens) == n
+        assert got.tokens == viz.str_tokens(model.tokenizer, alone.input_ids[0]) == list(text)
+        torch.testing.assert_close(got.pattern, ref[[3, 0]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.pattern.sum(-1), torch.ones(2, n))  # rows still sum to 1
+        assert got.head_names == ["L1H3", "L1H0"] and got.heads == (3, 0)
+        pad = T - n
+        start = pad if side == "left" and row == 0 else 0
+        assert got.columns.tolist() == list(range(start, start + n))
+
+
+def test_attention_view_from_a_model_and_from_a_cache(tiny_model):
+    from interp.positions import tokenize
+
+    model = tiny_model
+    batch = tokenize(model, TEXTS, padding_side="left")
+    name, p = props(viz.attention_view(model, batch, 2, heads=[1, 2]))
+    assert name == "AttentionHeads" and p["tokens"] == list("zebra")
+    assert p["attentionHeadNames"] == ["L2H1", "L2H2"] and p["maskUpperTri"] is True
+    attention = torch.tensor(p["attention"])
+    assert attention.shape == (2, 5, 5)
+    _, cache = model.run_with_cache(batch)
+    by_cache = viz.attention_view(cache, batch, -1, heads=[1, 2], tokenizer=model.tokenizer)
+    _, q = props(by_cache)
+    assert q["tokens"] == p["tokens"] and q["attentionHeadNames"] == p["attentionHeadNames"]
+    torch.testing.assert_close(torch.tensor(q["attention"]), attention)
+    # Text is tokenized by the model (right padding); the long row has no padding.
+    name, r = props(viz.attention_view(model, TEXTS, 0, row=1, kind="patterns"))
+    assert name == "AttentionPatterns" and r["tokens"] == list(TEXTS[1])
+    assert torch.tensor(r["attention"]).shape == (model.cfg.n_heads, 21, 21)
+    ids = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    _, s = props(viz.attention_view(cache, ids, 2, heads=[1, 2], tokenizer=model.tokenizer))
+    assert s["tokens"] == p["tokens"]
+
+
+def test_attention_view_wrong_input_names_the_shapes(tiny_model):
+    from interp.positions import tokenize
+
+    model = tiny_model
+    batch = tokenize(model, TEXTS)
+    _, cache = model.run_with_cache(batch, names_filter="blocks.*.attn.hook_pattern")
+    pattern = cache["pattern", 0]  # [2, 4, 21, 21]
+    tok = model.tokenizer
+    with pytest.raises(ValueError, match=r"\(2, 4, 21, 20\).*\[batch=2, heads, 21, 21\]"):
+        viz.attention_row(pattern[..., :20], batch, tok)
+    with pytest.raises(ValueError, match=r"\(1, 4, 21, 21\).*input_ids of shape \(2, 21\)"):
+        viz.attention_row(pattern[:1], batch, tok)
+    last = interp.capture(model, batch, "blocks.0.attn.hook_pattern", positions=-1)
+    with pytest.raises(ValueError, match=r"\(2, 4, 21\).*every position"):
+        viz.attention_view(last, batch, 0, tokenizer=tok)
+    with pytest.raises(ValueError, match="row must be an int in"):
+        viz.attention_row(pattern, batch, tok, row=2)
+    with pytest.raises(ValueError, match=r"heads must be ints in \[0, 4\)"):
+        viz.attention_row(pattern, batch, tok, heads=[4])
+    with pytest.raises(ValueError, match="layer must be an int"):
+        viz.attention_view(model, batch, 3)
+    with pytest.raises(KeyError, match=r"blocks\.1\.attn\.hook_pattern"):
+        viz.attention_view(last, batch, 1, tokenizer=tok)
+    with pytest.raises(TypeError, match="text needs the model"):
+        viz.attention_view(cache, TEXTS, 0, tokenizer=tok)
+    with pytest.raises(TypeError, match="tokenizer="):
+        viz.attention_view(cache, batch, 0)
+    with pytest.raises(ValueError, match="kind must be"):
+        viz.attention_view(model, batch, 0, kind="head")
+    with pytest.raises(ValueError, match="no head names"):
+        viz.attention_html(["a"], torch.ones(1, 1, 1), kind="patterns", head_names=["h"])
 
 
 # -- figures ---------------------------------------------------------------------------------------
