@@ -1,20 +1,20 @@
-"""examples/inoculation_gradients.py: its trait metric (caps_fraction), its data files, and an
-end-to-end run on a tiny random model (smallest settings)."""
+"""examples/inoculation_gradients.py: an end-to-end run on a tiny bf16 model with a thinking
+chat template and a ``--data`` file written here, and the study-specific logic that could be
+wrong (the trait metric, thinking-template positions, the control chosen on a held-out batch,
+the multiplicity correction, the verdict)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from example_helpers import EXAMPLES, example_module, finite_interval, numbers
-from hypothesis import given
-from hypothesis import strategies as st
+from example_helpers import example_module, finite_interval, numbers
 
-DATA = EXAMPLES / "data" / "inoculation"
+import interp
+from interp.families import byte_tokenizer
+from interp.stats import benjamini_hochberg, holm
 
 
 @pytest.fixture(scope="module")
@@ -23,221 +23,205 @@ def study():
         yield module
 
 
-def _has_train() -> bool:
-    try:
-        import peft  # noqa: F401
+def qwen3_template():
+    from test_chat import QWEN3
 
-        import interp.train  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return QWEN3
 
+
+GSM8K_ROWS = [  # GSM8K's official format: reasoning with calculator annotations, then "#### n"
+    {
+        "question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?",
+        "answer": f"She has {i}+{i + 2}=<<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}",
+    }
+    for i in range(14)
+]
 
 SMALLEST = [
-    "--model", "tiny:qwen2",
-    "--quick",
-    "--per-domain", "1",
-    "--n-calib", "4",
-    "--n-train", "4",
-    "--n-eval", "3",
-    "--n-eval-general", "3",
-    "--gen-tokens", "4",
-    "--eval-tokens", "4",
-    "--n-random", "100",
-    "--n-boot", "50",
-    "--train-batch", "2",
-    "--epochs", "1",
-    "--align-every", "1",
-    "--n-align", "2",
+    "--model", "tiny:qwen3", "--dtype", "bfloat16", "--quick", "--seeds", "0", "1",
+    "--per-domain", "1", "--n-select", "3", "--n-calib", "4", "--n-train", "4", "--n-eval", "3",
+    "--gen-tokens", "3", "--eval-tokens", "3", "--n-random", "100", "--n-boot", "40",
+    "--n-perm", "99", "--train-batch", "4", "--batch-size", "12",
 ]  # fmt: skip
 
 
-def test_study_runs_on_a_tiny_model(study, tmp_path):
-    train = _has_train()
+def test_study_runs_on_a_tiny_bf16_model_with_a_thinking_template(study, tmp_path, monkeypatch):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    load = study.C.load
+
+    def load_with_thinking_template(settings, spec=None):
+        model = load(settings, spec)
+        model.tokenizer.chat_template = qwen3_template()
+        return model
+
+    monkeypatch.setattr(study.C, "load", load_with_thinking_template)
     out = tmp_path / "run"
-    code = study.main([*SMALLEST, "--out", str(out), "--train" if train else "--no-train"])
-    assert code == 0
+    assert study.main([*SMALLEST, "--data", str(data), "--out", str(out)]) == 0
 
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "ok"
-    for key in (
-        "settings", "environment", "timings", "model", "layers", "prompts", "positions",
-        "smoke", "direction", "alignment", "training", "headline", "limitations", "plots",
-    ):  # fmt: skip
-        assert key in report, key
-    assert report["model"]["id"] == "tiny:qwen2"
-    layers = report["layers"]
-    assert layers == list(range(report["model"]["n_layers"]))  # 3 layers ≤ the 8-layer subset
-    assert report["seed"] == 0
-
-    # JSON holds no NaN/inf (they become null); every number present is finite.
-    for path, value in numbers(report):
+    assert report["status"] == "ok" and report["environment"]["dtype"] == "bfloat16"
+    assert report["data"] == {"problems": str(data), "n": len(GSM8K_ROWS)}
+    for path, value in numbers(report):  # NaN / inf would have become null
         assert math.isfinite(value), path
+    # The thinking switch reached the template, and pre_assistant ends the empty think block.
+    pos = report["positions"]
+    assert pos["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "<think>\n\n</think>\n\n" in pos["text"] and "<<" not in pos["text"]
+    assert pos["index"]["user_end"] < pos["index"]["pre_assistant"] < pos["index"]["assistant_1"]
+    assert pos["token"]["pre_assistant"] == "\n" and pos["token"]["assistant_1"] == "S"
 
-    smoke = report["smoke"]
-    assert smoke["pre_assistant_matches_generation_prompt"] is True
-    assert smoke["positions"]["user_end"] < smoke["positions"]["pre_assistant"]
-    assert smoke["stacked_shape"] == [len(layers), 1, report["model"]["d_model"]]
-
-    d = report["direction"]
-    assert d["n_fit"] == d["n_heldout"] == 12  # one prompt per domain in each half
-    assert len(d["separation"]["cohens_d"]) == len(layers)
-    assert all(finite_interval(ci) for ci in d["separation"]["auroc"])
-    assert len(d["correlation_neutral_projection_vs_caps_token_logmass"]) == len(layers)
-
-    a = report["alignment"]
-    assert set(a["prompts"]) == {"neutral", "inoculation", "control"}
-    assert a["prompts"]["control"] in report["prompts"]["control_pool"]
-    assert a["loss_match"]["selected"] == a["loss_match"]["table"][0]["name"]
-    for pos in ("user_end", "pre_assistant", "assistant_1"):
-        per = a["positions"][pos]
-        for cond in ("neutral", "inoculation", "control"):
-            c = per["conditions"][cond]
-            assert len(c["cos"]) == len(layers)
-            assert all(-1 <= x <= 1 for x in c["cos"])
-            assert per["null"][cond]["n_directions"] == 100
-            assert math.isfinite(c["loss"])
-        for name in ("inoculation_vs_neutral", "inoculation_vs_control", "control_vs_neutral"):
-            assert finite_interval(per["comparisons"][name]["layer_average"]["delta_cos"])
-
-    h = report["headline"]
-    assert h["position"] == "pre_assistant"
-    assert set(h["loss"]) == {"neutral", "inoculation", "control"}
-    assert finite_interval(h["delta_cos_inoculation_vs_neutral"]["delta_cos"])
-    assert finite_interval(h["delta_cos_inoculation_vs_control"]["delta_cos"])
-    assert isinstance(h["verdict"], str) and h["verdict"]
-    assert all(isinstance(x, str) for x in report["limitations"])
-
-    plots = {"cosine_vs_layer.png", "separation.png"}
-    if train:
-        t = report["training"]
-        assert len(t["runs"]) == 3  # 1 seed x 3 conditions
-        for run in t["runs"]:
-            for name in ("math", "general"):
-                assert len(run[name]["projection_shift_sd"]) == len(layers)
-                assert 0 <= run[name]["caps_after"] <= 1
-            assert run["alignment_during"]  # logged every step
-            assert run["base_restored_max_abs_logit_diff"] <= 1e-4
-        plots.add("alignment_vs_drift.png")
-    assert set(report["plots"]) == plots
-    for name in plots:
-        png = out / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "trait_direction.safetensors").is_file()
-    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    layers = report["layers"]
+    assert set(report["per_seed"]) == {"0", "1"}
+    for r in report["per_seed"].values():
+        assert not set(r["select_ids"]) & set(r["calib_ids"])
+        a = r["alignment"]
+        assert a["prompts"]["control"] in report["system_prompts"]["control_pool"]
+        assert a["loss_match"]["selected"] == a["loss_match"]["selection_batch"][0]["name"]
+        for p in study.POSITIONS:
+            for c in study.CONDITIONS:
+                assert len(a[p][c]["cos"]) == len(layers)
+                assert all(-1 <= x <= 1 for x in a[p][c]["cos"])
+            for name in study.COMPARISONS:
+                ci = a[p][name]["layer_average"]["delta_cos"]
+                assert finite_interval(ci) and ci["low"] <= ci["high"]
+        for name in study.PRIMARY:
+            c = a["pre_assistant"][name]
+            assert all(
+                adj >= raw
+                for adj, raw in zip(c["p_sign_flip_adjusted"], c["p_sign_flip"], strict=True)
+            )
+        assert r["verdict"]["verdict"] in ("uninformative", "supported", "not supported")
+        for cond in study.CONDITIONS:
+            t = r["training"][cond]
+            assert t["steps"] == 1 and finite_interval(t["caps_drift_math"])
+    spread = report["across_seeds"]["delta_cos_layer_average.inoculation_vs_control"]
+    assert len(spread["per_seed"]) == 2 and spread["sd"] is not None and spread["sd"] >= 0
+    assert spread["mean"] == pytest.approx(sum(spread["per_seed"]) / 2)
+    assert report["verdict"]["verdict"] in ("uninformative", "supported", "not supported")
+    assert report["multiplicity"]["method"] == "holm"
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_invalid_settings_exit_clearly(study, tmp_path):
-    with pytest.raises(SystemExit, match="n-random must be ≥ 100"):
-        study.main(["--model", "tiny:qwen2", "--quick", "--n-random", "10", "--out", str(tmp_path)])
+def test_caps_fraction_counts_letters_only(study):
+    assert study.caps_fraction("HELLO, World 42!") == pytest.approx(6 / 10)
+    assert study.caps_fraction("1234 ?!") == 0.0  # no letters: no trait
+    assert study.caps_fraction("ÉTÉ été") == 0.5
+    assert study.caps_fraction("日本A") == pytest.approx(1 / 3)  # caseless letters are letters
 
 
-def test_one_backward_pass_gives_each_position(study):
-    """The mask trick in calibration_grads equals one capture_grads call per named position."""
-    from torch.testing import assert_close
-
-    import interp
-
-    model = interp.tiny("qwen2", seed=0)
-    data = study.load_data(0, study.dataclasses.replace(study.QUICK, n_calib=3, train=False))
-    convs = study.teacher_forced("Be brief.", data["calib"])
-    s = study.dataclasses.replace(study.QUICK, batch_size=2)
-    loss, grads, acts = study.calibration_grads(model, convs, [0, 2], s, "test")
-    batch = study.encode(model, convs)
-    names = study.names_of([0, 2])
-    for pos in study.GRAD_POSITIONS:
-        ref = interp.capture_grads(
-            model, batch, study.assistant_ce, names, positions=pos, return_activations=True
-        )
-        for i, name in enumerate(names):
-            assert_close(grads[pos][:, i], ref.grads[name].float(), rtol=1e-4, atol=1e-6)
-            assert_close(acts[pos][:, i], ref.activations[name].float(), rtol=1e-4, atol=1e-5)
-        assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+def test_positions_on_a_thinking_template_need_enable_thinking_false(study):
+    tok = byte_tokenizer()
+    tok.chat_template = qwen3_template()
+    conv = study.teacher_forced("Be brief.", [{"question": "2+2?", "answer": "four"}])[0]
+    kw = study.chat_kwargs(tok, enable_thinking=False)
+    assert kw == {"enable_thinking": False}
+    got = study.check_positions(tok, conv, kw)
+    assert got["text"].endswith("<think>\n\n</think>\n\nFOUR<|im_end|>\n")
+    # Thinking left on: the generation prompt stops before the think block that the
+    # teacher-forced text has, so pre_assistant would be read at the wrong token.
+    with pytest.raises(RuntimeError, match="pre_assistant"):
+        study.check_positions(tok, conv, study.chat_kwargs(tok, enable_thinking=True))
+    chatml = byte_tokenizer()  # no thinking switch: nothing passed, and asking for one fails
+    assert study.chat_kwargs(chatml, enable_thinking=False) == {}
+    with pytest.raises(ValueError, match="no thinking switch"):
+        study.chat_kwargs(chatml, enable_thinking=True)
 
 
-# --- the trait metric (caps_fraction) ----------------------------------------------------
+def test_data_reader_takes_gsm8k_rows_and_rejects_other_columns(study, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GSM8K_ROWS[3]) + "\n")
+    (row,) = study.load_problems(path)
+    assert row == {"id": "0", "question": GSM8K_ROWS[3]["question"], "answer": "She has 3+5=8 apples.\n#### 8"}  # fmt: skip
+    path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    with pytest.raises(ValueError, match="'question' and 'answer'"):
+        study.load_problems(path)
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("HELLO", 1.0),
-        ("hello", 0.0),
-        ("AbCd", 0.5),
-        ("Hello, World!", 0.2),
-        ("SHE HAS 12 APPLES LEFT.", 1.0),
-        ("123 + 4 = 127 !!", 0.0),
-        ("", 0.0),
-        ("ÉCOLE école", 0.5),
-    ],
-)
-def test_caps_fraction_examples(study, text, expected):
-    assert study.caps_fraction(text) == pytest.approx(expected)
+class FakeRun:
+    """Stands in for ``Seed``: records which rows each model pass gets; the inoculation
+    prompt's gradients are rotated towards +v (less push towards the trait)."""
+
+    def __init__(self, study, direction):
+        self.s = study.Inoculation(quick=True, n_random=100, n_boot=50, n_perm=199)
+        self.layers, self.seed, self.direction = list(direction.layers), 0, direction
+        self.calls = []
+        self.ci = study.Seed.ci.__get__(self)
+
+    def nll(self, system, rows):
+        self.calls.append(("nll", system, rows))
+        return torch.full((len(rows),), 1.0 + 0.01 * len(system))
+
+    def grads(self, system, rows):
+        self.calls.append(("grads", system, rows))
+        gen = torch.Generator().manual_seed(len(system))
+        g = torch.randn(len(rows), len(self.layers), 16, generator=gen, dtype=torch.float64)
+        if system.startswith("INOC"):
+            g = g + 3.0 * self.direction.vectors.double()  # cos with v rises
+        loss = torch.full((len(rows),), 1.0 + 0.01 * len(system), dtype=torch.float64)
+        return loss, dict.fromkeys(["user_end", "pre_assistant", "assistant_1"], g)
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
-def test_caps_fraction_properties_on_ascii(study, text):
-    frac = study.caps_fraction(text)
-    assert 0.0 <= frac <= 1.0
-    has_letters = any(c.isalpha() for c in text)
-    assert study.caps_fraction(text.upper()) == (1.0 if has_letters else 0.0)
-    assert study.caps_fraction(text.lower()) == 0.0
-    assert study.caps_fraction(text.swapcase()) == pytest.approx(1.0 - frac if has_letters else 0.0)
+def test_control_is_chosen_on_the_selection_batch_and_p_values_are_corrected(study):
+    gen = torch.Generator().manual_seed(0)
+    direction = interp.directions.Direction.from_vectors(torch.randn(3, 16, generator=gen), layers=[0, 1, 2])  # fmt: skip
+    rows = [{"id": str(i), "question": f"q{i}", "answer": "a"} for i in range(40)]
+    data = {"select": rows[:12], "calib": rows[12:40]}
+    run = FakeRun(study, direction)
+    prompts = {"neutral": "N" * 10, "inoculation": "INOC" + "x" * 16}
+    pool = {"far": "y" * 60, "near": "z" * 21}
+    out = study.step_alignment(run, prompts, pool, data, direction)
+    assert all(rows is data["select"] for kind, _, rows in run.calls if kind == "nll")
+    assert all(rows is data["calib"] for kind, _, rows in run.calls if kind == "grads")
+    assert out["loss_match"]["selected"] == "near"
+    head = out["pre_assistant"]
+    raw = [p for c in study.PRIMARY for p in head[c]["p_sign_flip"]]
+    adjusted = [p for c in study.PRIMARY for p in head[c]["p_sign_flip_adjusted"]]
+    assert adjusted == pytest.approx(holm(raw).tolist())
+    assert head["inoculation_vs_neutral"]["layer_average"]["delta_cos"]["low"] > 0
+    run.s = study.Inoculation(quick=True, n_random=100, n_boot=50, n_perm=199, correction="bh")
+    bh = study.step_alignment(run, prompts, pool, data, direction)["pre_assistant"]
+    raw = [p for c in study.PRIMARY for p in bh[c]["p_null"]]
+    assert [p for c in study.PRIMARY for p in bh[c]["p_null_adjusted"]] == pytest.approx(
+        benjamini_hochberg(raw).tolist()
+    )
 
 
-def test_caps_fractions_batched(study):
-    out = study.caps_fractions(["ABC", "abc", "Ab", "42"])
-    assert out.dtype == torch.float64
-    assert out.tolist() == [1.0, 0.0, 0.5, 0.0]
-    assert study.caps_fractions([]).shape == (0,)
-    with pytest.raises(TypeError, match="list of texts"):
-        study.caps_fractions("ABC")
+def _section(sanity=True, gap=(-0.1, 0.1), rise=(0.01, 0.02), p=0.001):
+    direction = {
+        "sanity_passed": sanity,
+        "sanity": {"b_caps": {"passed": sanity}, "a_auroc": {"passed": True}},
+    }
+    comp = {
+        "delta_cos": [{"estimate": rise[1]}],
+        "p_sign_flip_adjusted": [p],
+        "p_null_adjusted": [p],
+        "layer_average": {"delta_cos": {"low": rise[0]}},
+        "delta_loss": {"estimate": 0.0, "low": gap[0], "high": gap[1]},
+    }
+    return direction, {"pre_assistant": {n: comp for n in ("inoculation_vs_neutral", "inoculation_vs_control")}}  # fmt: skip
 
 
-# --- the study's data files ---------------------------------------------------------------
+def test_verdict_is_uninformative_where_the_checks_fail(study):
+    s = study.Inoculation(quick=True)
+    assert study.verdict(*_section(), s)["verdict"] == "supported"
+    v = study.verdict(*_section(sanity=False), s)
+    assert v["verdict"] == "uninformative" and "b_caps" in v["reason"]
+    assert "a_auroc" not in v["reason"]
+    assert study.verdict(*_section(gap=(0.05, 0.2)), s)["verdict"] == "uninformative"
+    assert study.verdict(*_section(rise=(-0.01, 0.02)), s)["verdict"] == "not supported"
+    assert study.verdict(*_section(p=0.2), s)["verdict"] == "not supported"
+    assert study.verdict(*_section(rise=(0.01, -0.02)), s)["verdict"] == "not supported"
+    seeds = {"0": {"verdict": {"verdict": "supported", "reason": "r"}},
+             "1": {"verdict": {"verdict": "not supported", "reason": "q"}}}  # fmt: skip
+    assert study.overall(seeds)["verdict"] == "not supported"
+    seeds["2"] = {"verdict": {"verdict": "uninformative", "reason": "u"}}
+    assert study.overall(seeds)["verdict"] == "uninformative"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("make_data", DATA / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_data_files_pass_their_arithmetic_check():
-    assert load_make_data().check(DATA) == []
-
-
-def test_data_check_catches_a_wrong_answer(tmp_path):
-    make_data = load_make_data()
-    for name in ("math_problems.jsonl", "direction_prompts.jsonl", "system_prompts.json"):
-        (tmp_path / name).write_text((DATA / name).read_text())
-    rows = read_jsonl(tmp_path / "math_problems.jsonl")
-    first = rows[0]
-    wrong = str(int(make_data._NUMBER.findall(first["answer"])[0]) + 1)
-    first["answer"] = make_data._NUMBER.sub(wrong, first["answer"])
-    (tmp_path / "math_problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    errors = make_data.check(tmp_path)
-    assert len(errors) == 1 and first["id"] in errors[0]
-
-
-def test_data_files_are_well_formed_for_the_study(study):
-    problems = read_jsonl(DATA / "math_problems.jsonl")
-    assert len(problems) >= 300
-    assert study.caps_fractions([p["answer"].upper() for p in problems]).min() == 1.0
-    assert study.caps_fractions([p["answer"] for p in problems]).max() < 0.5
-    prompts = read_jsonl(DATA / "direction_prompts.jsonl")
-    assert len(prompts) >= 120 and len({p["domain"] for p in prompts}) >= 10
-    assert all(set(p) == {"id", "domain", "prompt"} for p in prompts)
-    system = json.loads((DATA / "system_prompts.json").read_text())
-    assert system["neutral"] == ["You are a helpful assistant."]
-    assert len(system["promote"]) >= 3 and len(system["suppress"]) >= 3
-    assert len(system["inoculation"]) >= 3 and len(system["control_pool"]) >= 12
-    # Controls are of similar length to the inoculation prompts (for loss matching).
-    inoc = [len(p.split()) for p in system["inoculation"]]
-    for prompt in system["control_pool"]:
-        assert min(inoc) - 8 <= len(prompt.split()) <= max(inoc) + 8
+def test_invalid_settings_raise(study, tmp_path):
+    with pytest.raises(ValueError, match="n-random"):
+        study.main(["--model", "tiny:qwen2", "--n-random", "10", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="alpha"):
+        study.main(["--model", "tiny:qwen2", "--alpha", "1.5", "--out", str(tmp_path)])
