@@ -36,6 +36,7 @@ from torch import Tensor
 __all__ = [
     "Correction",
     "Interval",
+    "PairedDifference",
     "PermutationTest",
     "adjust_pvalues",
     "auroc",
@@ -45,6 +46,7 @@ __all__ = [
     "cohens_d",
     "holm",
     "paired_bootstrap_ci",
+    "paired_difference",
     "permutation_test",
     "rankdata",
     "sign_flip_test",
@@ -575,3 +577,92 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> Interval:
     low = 0.0 if k == 0 else max(0.0, centre - half)
     high = 1.0 if k == n else min(1.0, centre + half)
     return Interval(p, low, high)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``statistic(after) − statistic(before)`` on the same rows, with its intervals.
+
+    Attributes:
+        before, after: the statistic on each condition (``None`` where it raises
+            ``ValueError``, e.g. a zero denominator).
+        estimate: ``after − before`` (``None`` when either is undefined).
+        intervals: level -> ``(low, high)``, percentile paired bootstrap; empty when the
+            interval is degenerate or the estimate undefined.
+        degenerate: every bootstrap resample gave the same difference (e.g. no row
+            changed): a percentile interval would read ``[x, x]``, which claims a
+            precision the data do not have; report ``n_changed`` instead.
+        n_changed: rows whose columns differ between the conditions.
+        n: rows.
+    """
+
+    before: float | None
+    after: float | None
+    estimate: float | None
+    intervals: dict[float, tuple[float, float]]
+    degenerate: bool
+    n_changed: int
+    n: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "before": self.before,
+            "after": self.after,
+            "estimate": self.estimate,
+            "intervals": {str(k): list(v) for k, v in self.intervals.items()},
+            "degenerate": self.degenerate,
+            "n_changed": self.n_changed,
+            "n": self.n,
+        }
+
+
+def paired_difference(
+    statistic: Callable[..., float],
+    before: Sequence[Tensor],
+    after: Sequence[Tensor],
+    *,
+    levels: Sequence[float] = (0.95,),
+    n_boot: int = 1000,
+    seed: Seed = 0,
+) -> PairedDifference:
+    """A before/after comparison on paired rows: ``statistic(*after) − statistic(*before)``.
+
+    ``before`` and ``after`` are the same columns (one tensor per column, rows aligned)
+    under the two conditions; ``statistic`` maps one condition's columns to a number (a
+    ratio of sums, a mean …). Rows are resampled together in both conditions
+    (``paired_bootstrap_ci``; the same resamples at every level, so a higher level gives a
+    wider interval, e.g. a Bonferroni level ``1 − α/m``). A degenerate bootstrap (all
+    resamples equal) gives no interval but says so, with the number of changed rows.
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"before and after need the same columns: {len(before)} vs {len(after)}")
+    n = _common_length([*before, *after])
+    k = len(before)
+
+    def defined(cols: Sequence[Tensor]) -> float | None:
+        try:
+            value = float(statistic(*cols))
+        except ValueError:
+            return None
+        return value if math.isfinite(value) else None
+
+    b, a = defined(before), defined(after)
+    changed = torch.zeros(n, dtype=torch.bool)
+    for x, y in zip(before, after, strict=True):
+        changed |= (x != y).reshape(n, -1).any(1).cpu()
+    if b is None or a is None:
+        return PairedDifference(b, a, None, {}, False, int(changed.sum()), n)
+
+    def delta(*cols: Tensor) -> float:
+        return float(statistic(*cols[k:])) - float(statistic(*cols[:k]))
+
+    intervals = {}
+    for level in levels:
+        iv = paired_bootstrap_ci(delta, *before, *after, n_boot=n_boot, level=level, seed=seed)
+        intervals[float(level)] = (iv.low, iv.high)
+    if not all(math.isfinite(lo) and math.isfinite(hi) for lo, hi in intervals.values()):
+        intervals = {}  # every resample was undefined
+    degenerate = bool(intervals) and all(hi - lo <= 1e-12 for lo, hi in intervals.values())
+    return PairedDifference(
+        b, a, a - b, {} if degenerate else intervals, degenerate, int(changed.sum()), n
+    )
