@@ -1,4 +1,6 @@
-"""End-to-end run of examples/sae_base_chat_delta.py on a tiny random model (smallest settings)."""
+"""examples/sae_base_chat_delta.py: end to end on a tiny bf16 model with a --data file written
+here (its own column names), plus the study's paired per-feature statistics and its input
+checks."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from example_helpers import example_module, numbers
 
 NAME = "sae_base_chat_delta"
@@ -17,81 +20,109 @@ def study():
         yield module
 
 
-SMALLEST = [
-    "--model", "tiny:llama",
-    "--quick",
-    "--n-per-set", "6",
-    "--sae-steps", "20",
-    "--n-boot", "20",
-    "--n-ci", "3",
-    "--n-html", "2",
-    "--top-examples", "3",
-    "--n-clusters", "3",
-    "--n-random", "2",
-    "--n-causal", "2",
-    "--lora-epochs", "1",
-    "--no-embed",
+def write_data(path, cultural: int = 8, per_control: int = 6):
+    rows = [{"sentence": f"During festival {i} we light diyas and share sweets number {i}.",
+             "source": "culture"} for i in range(cultural)]  # fmt: skip
+    rows += [{"sentence": f"The committee reviews proposal {i} on weekday {i % 5}.",
+              "source": "generic_en"} for i in range(per_control)]  # fmt: skip
+    rows += [
+        {"sentence": f"बैंक सुबह {i} बजे खुलता है।", "source": "generic_hi"} for i in range(per_control)
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+SMALL = [
+    "--model", "tiny:llama", "--dtype", "bfloat16", "--quick",
+    "--text-column", "sentence", "--group-column", "source", "--cultural-group", "culture",
+    "--sae-steps", "30", "--resample-every", "10", "--n-boot", "30", "--n-perm", "49",
+    "--n-ci", "3", "--top-examples", "3", "--n-clusters", "3", "--n-random", "3",
+    "--n-causal", "2", "--n-bins", "2", "--no-embed",
 ]  # fmt: skip
 
 
-def test_study_runs_on_a_tiny_model(study, tmp_path):
-    out = tmp_path / "run"
-    assert study.main([*SMALLEST, "--out", str(out)]) == 0
-
+def test_study_runs_on_a_tiny_bf16_model_with_a_data_file(study, tmp_path):
+    data, out = write_data(tmp_path / "corpus.jsonl"), tmp_path / "run"
+    argv = [*SMALL, "--data", str(data), "--label-model", "tiny:llama", "--label-tokens", "4"]
+    assert study.main([*argv, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "ok"
-    for key in (
-        "settings", "environment", "timings", "model", "layers", "data", "chat_training",
-        "saes", "cohens_d", "delta_features", "labels", "clustering", "causal", "headline",
-        "limitations", "plots", "html",
-    ):  # fmt: skip
-        assert key in report, key
-    for path, value in numbers(report):
-        assert math.isfinite(value), path
+    assert report["status"] == "ok" and report["environment"]["dtype"] == "bfloat16"
+    assert all(math.isfinite(v) for _, v in numbers(report))
 
-    layers = report["layers"]
-    assert layers == sorted(set(layers)) and 1 <= len(layers) <= 3
-    assert report["data"] == {"cultural": 6, "control_english": 6, "control_hindi": 6}
-    assert report["chat_training"]["kind"] == "lora_on_base"
-
-    rows = report["saes"]["validation"]
-    assert {(r["kind"], r["layer"]) for r in rows} == {
+    d = report["data"]
+    assert d["sets"] == {"culture": 8, "generic_en": 6, "generic_hi": 6}
+    # cultural-train / control-validate: SAEs never see a control sentence
+    assert (d["sae_train_cultural"], d["heldout_cultural"], d["validation_control"]) == (6, 2, 12)
+    layers = report["model"]["layers"]
+    assert {(r["kind"], r["layer"]) for r in report["saes"]} == {
         (k, ly) for k in ("base", "chat", "delta") for ly in layers
     }
-    for r in rows:
-        assert r["fvu"] >= 0 and 0 <= r["dead_frac"] <= 1 and 0 < r["l0"] <= r["k"]
+    for r in report["saes"]:
+        assert r["control"]["n_tokens"] == 12 and r["train"]["n_tokens"] == 6
+        assert 0 <= r["train_dead_fraction"] <= 1 and r["control"]["fvu"] >= 0
 
-    for ly in layers:
-        per = report["cohens_d"]["layers"][str(ly)]
-        assert len(per["top_features"]) <= 3
-        for f in per["top_features"]:
-            ci = f["ci"]
-            assert ci["low"] <= ci["high"]
-            assert all(ex["activation"] > 0 for ex in f["top_examples"])
+    mid = str(report["model"]["mid"])
+    per = report["cohens_d"][mid]
+    assert 0 <= per["n_bh_significant"] <= per["n_features_tested"]
+    for f in per["top"]:
+        assert f["ci"]["low"] <= f["ci"]["high"] and f["p"] <= f["p_bh"] <= 1
+        assert f["top_examples"] and all(max(e["chat"], e["base"]) > 0 for e in f["top_examples"])
+        assert isinstance(f["label"], str)  # --label-model took effect
+    assert abs(per["top"][0]["d"]) == per["max_abs_d"]
 
     cl = report["clustering"]
-    assert cl["embedding"].startswith("fallback")
     assert sum(c["n_features"] for c in cl["clusters"]) == cl["n_alive_features"]
+    assert 0 < cl["max_enrichment_test"]["p_value"] <= 1
 
-    mid = str(report["headline"]["mid_layer"])
-    causal = report["causal"]["layers"][mid]
-    assert len(causal["features"]) == 2 and len(causal["random"]) == 2
-    rates = causal["token_fire_rate"]
-    assert 0 <= rates["top_mean"] <= 1 and len(rates["random_mean_per_set"]) == 2
-    for g in ("cultural", "control_english", "control_hindi"):
-        assert math.isfinite(causal["top"][g]["estimate"])
-    assert isinstance(report["headline"]["causal_top_more_cultural_specific_than_all_random"], bool)
-    assert report["labels"]["skipped"] is True
-    assert all(isinstance(x, str) and x for x in report["limitations"])
-
-    assert set(report["plots"]) == {"sae_validation.png", "cohens_d.png", "causal_effect.png"}
-    for name in report["plots"]:
+    causal = report["causal"][mid]
+    assert len(causal["tested"]) == 2 and len(causal["specificity_random"]) == 3
+    assert causal["contrast"]["low"] <= causal["contrast"]["high"]
+    assert causal["verdict"] == "uninformative"  # 3 random sets cannot reach p < 0.05
+    for name in ("sae_validation.png", "cohens_d.png", "causal_effect.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = (out / "features.html").read_text()
-    assert "<html" in page.lower() and "feature" in page
-    assert not list(out.glob(".*.tmp"))
+    assert "feature" in (out / "features.html").read_text()
 
 
-def test_invalid_settings_exit_clearly(study, tmp_path):
-    with pytest.raises(SystemExit, match="causal-layers"):
-        study.main(["--model", "tiny:llama", "--causal-layers", "some", "--out", str(tmp_path)])
+def test_identical_base_and_chat_models_are_an_error(study, tmp_path):
+    argv = [*SMALL[:4], "--chat-model", "tiny:llama", "--n-per-set", "4", "--no-embed"]
+    with pytest.raises(ValueError, match="identical"):
+        study.main([*argv, "--out", str(tmp_path)])
+
+
+def test_feature_tests_are_paired(study):
+    """A small shift shared by every sentence, under large between-sentence variation: the
+    paired sign-flip test finds it though Cohen's d is small; unpaired tests would not."""
+    g = torch.Generator().manual_seed(0)
+    zb = torch.rand(40, 3, generator=g) * 10
+    zc = zb.clone()
+    zc[:, 0] += 0.3 + 0.1 * torch.randn(40, generator=g)  # a consistent shift
+    zc[:, 1] += torch.randn(40, generator=g) * 0.3  # noise, no shift
+    s = study.Settings.parse(["--n-perm", "999"], NAME)
+    rows = {r["feature"]: r for r in study.feature_tests(zc, zb, s)}
+    assert abs(rows[0]["d"]) < 0.2 and rows[0]["p"] < 0.01 and rows[0]["d_z"] > 1
+    assert rows[1]["p"] > 0.05
+    assert rows[2]["d"] == 0 and rows[2]["p"] == 1  # unchanged between the models
+    assert rows[0]["p_bh"] == pytest.approx(3 * rows[0]["p"])  # BH over the three
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--k", "0"], "--k"),
+        (["--n-per-set", "1"], "--n-per-set"),
+        (["--heldout-frac", "1.0"], "heldout"),
+    ],
+)
+def test_bad_settings_raise(study, argv, match):
+    with pytest.raises(ValueError, match=match):
+        study.Settings.parse(argv, NAME)
+
+
+def test_data_without_cultural_rows_is_a_clear_error(study, tmp_path):
+    data = write_data(tmp_path / "c.jsonl")
+    s = study.Settings.parse(["--data", str(data), "--text-column", "sentence"], NAME)
+    with pytest.raises(ValueError, match=r"\['group'\]"):  # the file's column is 'source'
+        study.read_sets(s)
+    s = study.Settings.parse([*SMALL[5:9], "--data", str(data)], NAME)  # cultural = 'cultural'
+    with pytest.raises(ValueError, match="'cultural' rows"):
+        study.read_sets(s)

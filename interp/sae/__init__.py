@@ -5,8 +5,10 @@ decoder backward passes touch only the selected latents (``functional``).
 ``train_sae`` (module ``interp.sae.train``) fits it on any iterable of activation
 batches (checkpoint/resume, data parallel); ``save``/``load`` use SAELens's directory
 format; ``splice`` puts it into a model through a TransformerLens-style hook;
-``ActivationStore`` streams shuffled activations from a model (or
-``cache_activations``/``CachedActivations`` through disk).
+``pooled_splice`` edits through an SAE trained on pooled rows and ``matched_features``
+draws firing-rate-matched control latents (``pooled``); ``ActivationStore`` streams
+shuffled activations from a model (or ``cache_activations``/``CachedActivations``
+through disk).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from interp.sae.functional import (
     topk_encode_dense,
 )
 from interp.sae.model import SAEOutput, TopKSAE, TopKSAEConfig
+from interp.sae.pooled import matched_features, pooled_splice
 from interp.sae.saelens import from_saelens, load_saelens, save_saelens, to_saelens
 from interp.sae.splice import ce_loss_recovered, splice
 from interp.sae.store import ActivationStore, CachedActivations, cache_activations
@@ -57,6 +60,8 @@ __all__ = [
     "fvu",
     "geometric_median",
     "load_saelens",
+    "matched_features",
+    "pooled_splice",
     "pre_activations",
     "save_saelens",
     "sparse_decode",
