@@ -26,7 +26,6 @@ import _common as C  # noqa: I001  (first: sets the OpenMP environment before to
 
 import dataclasses
 import gc
-import html
 import math
 import random
 from collections import Counter
@@ -51,7 +50,25 @@ SHIPPED = ("cultural", "control_english", "control_hindi")
 HOOK = "blocks.{}.hook_resid_post"
 KINDS = ("base", "chat", "delta")
 NO_EFFECT = 1e-6  # nats: an ablation whose largest |Δ NLL| is below this changed nothing
-MIN_SETS = 19  # random sets needed before the rank test can reach p < 0.05
+METHODS = {  # what each number of report.json is compared against, its interval and correction
+    "saes": "TopK SAEs trained on the cultural sentences minus a held-out share; FVU/L0/dead "
+    "fraction on the control sets (validation), the held-out cultural ones and the training rows",
+    "cohens_d": "chat SAE encodes chat and base activations of the same sentences; d = (mean "
+    "chat − mean base) / pooled SD, d_z = mean / SD of the paired differences; paired sign-flip "
+    "test per feature, Benjamini–Hochberg over the layer's features; paired percentile "
+    "bootstrap over sentences for the top-|d| features (selected by |d|: post-selection)",
+    "clustering": "k-means over the alive features of the nine SAEs; delta enrichment = delta "
+    "share in a cluster / overall; one-sided permutation test of the largest enrichment over "
+    "the clusters (kind labels shuffled over features: corrected for picking the largest)",
+    "causal": "Δ mean NLL per sentence (chat model) when the tested features' share of each "
+    "sentence's pooled vector is removed from its tokens (interp.sae.pooled_splice); control: "
+    "random feature sets from the tested features' firing-rate bins; contrast = cultural − "
+    "control mean of (tested − matched-random mean) Δ NLL with a percentile bootstrap over "
+    "sentences; sentence-label permutation test and rank of the tested set among the random "
+    "sets, each Holm-adjusted over the tested layers; 'supported' needs both p < 0.05 and the "
+    "interval above 0; 'uninformative' if an ablation changed nothing or too few random sets "
+    "for the rank test to reach 0.05 after Holm (n_layers / (n_random + 1) >= 0.05)",
+}
 LABEL_PROMPT = (
     "These sentences all strongly activate one feature of a sparse autoencoder:\n{}\n"
     "In at most eight words, what do they have in common? Answer with the words only."
@@ -63,7 +80,7 @@ class Settings(C.Settings):
     QUICK: ClassVar[dict[str, Any]] = {
         "n_per_set": 32, "sae_mult": 2.0, "k": 16, "sae_steps": 200, "resample_every": 60,
         "n_boot": 200, "n_ci": 10, "top_examples": 5, "n_clusters": 4, "n_causal": 8,
-        "n_random": 19, "causal_layers": "mid", "lora_epochs": 1, "lora_lr": 2e-3,
+        "n_random": 20, "causal_layers": "mid", "lora_epochs": 1, "lora_lr": 2e-3,
     }  # fmt: skip
     base_model: str | None = C.field(None, "base model (default: --model)")
     chat_model: str | None = C.field(None, "chat model (default: base + LoRA on chat_sft.jsonl)")
@@ -87,7 +104,7 @@ class Settings(C.Settings):
     n_clusters: int = C.field(8, "k-means clusters over features")
     embed: bool = C.field(True, "cluster on all-MiniLM-L6-v2 (else on base activations)")
     n_causal: int = C.field(16, "top-|d| features ablated in the causal check")
-    n_random: int = C.field(20, f"firing-rate-matched random sets (>= {MIN_SETS} for a verdict)")
+    n_random: int = C.field(60, "firing-rate-matched random sets (rank test: p >= 1/(n+1))")
     n_bins: int = C.field(5, "firing-rate quantile bins for the matched draw")
     causal_layers: str = C.field("all", "layers of the causal check", choices=("mid", "all"))
     lora_epochs: int = C.field(5, "offline chat stand-in: LoRA epochs")
@@ -271,13 +288,6 @@ def causal_layer(model, texts, cult, ctrl, clean, sae, scale, rate, tested, s, r
     }  # fmt: skip
 
 
-def verdict(r: dict[str, Any], n_random: int) -> str:
-    if not r["ablation_changed_nll"] or n_random < MIN_SETS:
-        return "uninformative"
-    ok = max(r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]) < 0.05
-    return "supported" if ok and r["contrast"]["low"] > 0 else "not supported"
-
-
 def label_features(s: Settings, feats: list[dict[str, Any]]) -> list[str]:
     """Labels from ``--label-model`` (loaded alone), greedy, from each feature's top sentences."""
     model = C.load(s, s.label_model)
@@ -298,19 +308,6 @@ def interval_bars(labels: list[str], cis: list[dict], path: Path, **kw: Any) -> 
     viz.bars_with_interval(labels, *values, path, **kw)
 
 
-def features_html(feats: list[dict[str, Any]], layer: int, path: Path) -> None:
-    esc = html.escape
-    parts = [f"<h2>Layer {layer}: chat-SAE features with the largest |Cohen's d|</h2>"] + [
-        f"<h3>feature {r['feature']}: d = {r['d']:.2f} [{r['ci']['low']:.2f}, {r['ci']['high']:.2f}]"
-        f"{' — ' + esc(r['label']) if r.get('label') else ''}</h3><ul>"
-        + "".join(f"<li>[{esc(e['group'])}] chat {e['chat']:.3f}, base {e['base']:.3f}: {esc(e['text'])}"
-                  for e in r["top_examples"])
-        + "</ul>"
-        for r in feats
-    ]  # fmt: skip
-    viz.save_html(parts, path, title="study 001: SAE features")
-
-
 # ---- the study ------------------------------------------------------------------------------
 def study(s: Settings, report: C.Report) -> None:
     out = Path(s.out)
@@ -320,6 +317,7 @@ def study(s: Settings, report: C.Report) -> None:
         ctrl = [i for i, g in enumerate(groups) if g != s.cultural_group]
         held = sorted(random.Random(s.seed).sample(cult, round(s.heldout_frac * len(cult))))
         train = sorted(set(cult) - set(held))
+        report["methods"] = METHODS
         report["data"] = {"source": s.data or "examples/data/sae", "sets": Counter(groups),
                           "sae_train_cultural": len(train), "heldout_cultural": len(held),
                           "validation_control": len(ctrl)}  # fmt: skip
@@ -333,6 +331,9 @@ def study(s: Settings, report: C.Report) -> None:
     with report.step("chat"):
         if s.chat_model is None:
             report["chat_training"] = lora_chat(model, s)  # the adapter stays on: the chat model
+            report["limitation"] = (
+                "chat = base + a short LoRA fine-tune: a known stand-in, not RLHF"
+            )
         else:
             del model
             release()
@@ -409,8 +410,14 @@ def study(s: Settings, report: C.Report) -> None:
             adjusted = stats.holm([r[key] for r in causal.values()]).tolist()
             for r, p in zip(causal.values(), adjusted, strict=True):
                 r[key + "_holm"] = p
-        for r in causal.values():
-            r["verdict"] = verdict(r, s.n_random)
+        for r in causal.values():  # a claim needs both Holm-adjusted tests and the interval > 0
+            ok = max(r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]) < 0.05
+            ok = ok and r["contrast"]["low"] > 0
+            reachable = len(causal) / (s.n_random + 1) < 0.05  # the rank test's smallest Holm p
+            informative = r["ablation_changed_nll"] and reachable
+            r["verdict"] = (
+                "supported" if ok else "not supported" if informative else "uninformative"
+            )
         report["causal"] = causal
         interval_bars([f"layer {ly}" for ly in causal], [r["contrast"] for r in causal.values()],
                       out / "causal_effect.png", title="cultural specificity: tested − matched random",
@@ -422,8 +429,7 @@ def study(s: Settings, report: C.Report) -> None:
         for r, text in zip(top, label_features(s, top) if s.label_model else [], strict=False):
             r["label"] = text
         report["labels"] = {"model": s.label_model, "labels": [r.get("label") for r in top]}
-        features_html(top, mid, out / "features.html")
-    report["headline"] = headline(report, mid, s)
+    report["headline"] = headline(report, mid)
 
 
 def embeddings(texts: list[str], fallback: Tensor, use: bool) -> tuple[Tensor, str]:
@@ -437,25 +443,15 @@ def embeddings(texts: list[str], fallback: Tensor, use: bool) -> tuple[Tensor, s
     return F.normalize(emb.float().cpu(), dim=1), "all-MiniLM-L6-v2"
 
 
-def headline(report: C.Report, mid: int, s: Settings) -> dict[str, Any]:
-    """The numbers the docs quote, each with what it is compared against."""
+def headline(report: C.Report, mid: int) -> dict[str, Any]:
+    """The numbers the docs quote, each next to what it is compared against."""
     d, cl = report["cohens_d"][mid], report["clustering"]["max_enrichment_test"]
     fvu = {kd: [r["control"]["fvu"] for r in report["saes"] if r["kind"] == kd] for kd in KINDS}
-    return {
-        "mean_control_fvu": {kd: sum(v) / len(v) for kd, v in fvu.items()},
-        "mid_layer": mid,
-        "mid_features_bh_significant": f"{d['n_bh_significant']} of {d['n_features_tested']} "
-        f"(paired sign-flip, {s.n_perm} flips, BH 5%)",
-        "mid_features_abs_d_gt_0.8_and_bh": d["n_abs_d_gt_0.8_and_bh"],
-        "max_delta_enrichment": cl["statistic"],
-        "max_delta_enrichment_p": cl["p_value"],
-        "causal": {
-            ly: {"verdict": r["verdict"], "contrast": r["contrast"],
-                 "p_holm": [r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]]}
-            for ly, r in report["causal"].items()
-        },
-        "causal_control": f"{s.n_random} random feature sets from the same firing-rate bins",
-    }  # fmt: skip
+    return {"mean_control_fvu": {kd: sum(v) / len(v) for kd, v in fvu.items()}, "mid_layer": mid,
+            "mid_features_bh_significant": [d["n_bh_significant"], d["n_features_tested"]],
+            "mid_features_abs_d_gt_0.8_and_bh": d["n_abs_d_gt_0.8_and_bh"],
+            "max_delta_enrichment": [cl["statistic"], cl["p_value"]],
+            "causal": {ly: [r["verdict"], r["contrast"]] for ly, r in report["causal"].items()}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
