@@ -23,14 +23,17 @@ co-occurrences: the study reports its hits next to the judge's scores.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import bbq
 
 from interp import spans as sp
-from interp.judges import YesNoJudge
+from interp import stats
+from interp.judges import ClassifierJudge, YesNoJudge
 from interp.spans import LexiconCategory, LexiconDetector
 
 __all__ = [
@@ -39,9 +42,12 @@ __all__ = [
     "GROUP_TERMS",
     "JUDGE_TEMPLATE",
     "LEXICON",
+    "agreement",
     "analyze",
     "is_option_echo",
     "judge",
+    "judge_sentences",
+    "judges",
     "lexicon_detector",
 ]
 
@@ -295,3 +301,90 @@ def analyze(
 
 
 _DETECTOR = lexicon_detector()
+
+
+def judges(model: Any, settings: Any, load: Any) -> dict[str, Any]:
+    """The study's sentence scorers from its settings: ``"judge"`` (``judge``: the model
+    itself with ``--judge-model self``, or ``load(spec)``; none with ``none``) and
+    ``"classifier"`` (``--classifier``: a local HF classifier, P(``--classifier-label``))."""
+    out: dict[str, Any] = {}
+    if settings.judge_model != "none":
+        lm = model if settings.judge_model == "self" else load(settings.judge_model)
+        out["judge"] = judge(lm, min_mass=settings.judge_min_mass)
+    if settings.classifier is not None:
+        if not Path(settings.classifier).is_dir():
+            raise FileNotFoundError(f"--classifier {settings.classifier}: not a local directory")
+        out["classifier"] = ClassifierJudge(
+            settings.classifier,
+            label=settings.classifier_label,
+            template="{sentence}",
+            truncation=True,
+            device=None if settings.device == "cpu" else settings.device,
+        )
+    return out
+
+
+def judge_sentences(
+    scorers: Mapping[str, Any], items: Any, runs: Mapping[str, list[dict]], settings: Any
+) -> dict[str, Any]:
+    """Score every distinct (context, sentence) of the analysed ``runs`` once per scorer; the
+    score (``None`` unless its status is ``"ok"``) goes on the sentence under the scorer's
+    name. The context is the item's question (``--judge-context question``) or context and
+    question (``full``)."""
+
+    def context(it: bbq.BBQItem) -> str:
+        full = settings.judge_context == "full"
+        return f"{it.context} {it.question}" if full else it.question
+
+    jobs = [
+        (x, (context(it), x["text"]))
+        for run in runs.values()
+        for it, a in zip(items, run, strict=True)
+        for x in a["sentences"]
+    ]
+    unique = sorted({key for _, key in jobs})
+    index = {key: i for i, key in enumerate(unique)}
+    info = {}
+    for name, scorer in scorers.items() if unique else ():
+        res = scorer(
+            [{"context": c, "sentence": t} for c, t in unique], batch_size=settings.batch_size
+        )
+        for x, key in jobs:
+            x[name] = float(res.scores[index[key]]) if res.status[index[key]] == "ok" else None
+        mass = [float(m) for m in res.mass if math.isfinite(float(m))]
+        info[name] = {
+            "n_sentences": len(unique),
+            "status": res.counts(),
+            "mean_mass": sum(mass) / len(mass) if mass else None,
+        }
+    return info
+
+
+def agreement(runs: Any, scorer: str, n_boot: int, seed: int) -> dict[str, Any] | None:
+    """How well a scorer (judge, classifier) separates lexicon-flagged from unflagged
+    sentences: the AUROC on the same sentences, scored by both, with a cluster bootstrap
+    over items (a response's sentences are not independent). ``None`` without scores."""
+    import torch
+
+    rows = [
+        (x[scorer], float(x["flagged"]), i)
+        for run in runs
+        for i, a in enumerate(run)
+        for x in a["sentences"]
+        if x.get(scorer) is not None
+    ]
+    if not rows:
+        return None
+    score, flag, item = (torch.tensor(c, dtype=torch.float64) for c in zip(*rows, strict=True))
+    out: dict[str, Any] = {"n_sentences": len(rows), "n_flagged": int(flag.sum()), "auroc": None}
+    if out["n_flagged"] in (0, len(rows)):
+        return out | {"reason": "needs flagged and unflagged sentences"}
+    iv = stats.cluster_bootstrap_ci(
+        lambda a, f: stats.auroc(a[f > 0], a[f == 0]),
+        score,
+        flag,
+        groups=item.long(),
+        n_boot=n_boot,
+        seed=seed,
+    )
+    return out | {"auroc": iv.as_dict()}

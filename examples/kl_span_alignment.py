@@ -8,24 +8,15 @@
         --judge-model Qwen/Qwen2.5-7B-Instruct --classifier ./roberta-hate-speech-dynabench-r4
 
 When a model's reasoning states a stereotype while its answer is safe (correct, or "unknown"
-when the context does not say), does LoRA-tuning the reasoning's next-token distribution
-toward the answer's (forward KL D(P_s || P_o), the answer a detached anchor) make held-out
-reasoning less biased, and what happens to accuracy and the BBQ bias scores? Per seed:
-
-1. data: BBQ items (``bbq.read_official``: official JSONL + ``additional_metadata.csv``; or
-   the shipped templates), split into mining and held-out items by template;
-2. mine: reasoning, then "Answer: <letter>" (``interp.runs.generate`` with a linear-time
-   answer-forcing logits processor); reasoning sentences flagged by the study's lexicon
-   (``bias_detectors``: every BBQ category); pairs = flagged sentences (s) + safe answer (o);
-3. baseline: the same on held-out items, and the objective on held-out flagged responses
-   (``interp.train.example_losses``);
-4. train: LoRA on the later layers with ``interp.train.KLSpanLoss``;
-5. tuned: held-out generation and objective again; the adapter is saved, then unloaded;
-6. judge: every reasoning sentence of both runs scored by an LM judge (``YesNoJudge``: the
-   base model, or ``--judge-model``) and optionally a classifier (``--classifier``);
-7. stats: tuned − base on the same items (paired bootstrap), with 95% and
-   Bonferroni-simultaneous intervals over all reported differences; a degenerate interval
-   is replaced by counts (Wilson intervals); official BBQ scores per category.
+when the context does not say), does LoRA with the forward KL D(P_s || P_o) from the flagged
+reasoning sentences (s) to the answer (o, a detached anchor) make held-out reasoning less
+biased, and what happens to BBQ accuracy and bias scores? Per seed: BBQ items
+(``bbq.read_official`` or the shipped templates) split by template; reasoning + answer line
+(``runs.generate`` + ``AnswerForcing``); sentences flagged by the study's lexicon (every BBQ
+category); pairs = flagged sentences + safe answer; LoRA with ``KLSpanLoss``; held-out
+generation and objective (``train.example_losses``) before and after; every sentence scored
+by an LM judge and optionally a classifier; tuned − base on the same items
+(``stats.paired_difference``: 95% and Bonferroni intervals; degenerate ones as counts).
 """
 
 from __future__ import annotations
@@ -50,7 +41,6 @@ import torch
 from interp import runs, stats, viz
 from interp.answer_forcing import AnswerForcing
 from interp.chat import render
-from interp.judges import ClassifierJudge
 from interp.losses import sft_loss
 from interp.train import KLSpanLoss, TrainConfig, example_losses, save_adapter, train
 from interp.train import weighted_sum
@@ -68,16 +58,13 @@ SYSTEM = (
 )
 LIMITATIONS = {
     "can_show": [
-        "Whether the optimized quantity, KL(P_s || P_o), moves on training and held-out pairs.",
-        "How the reasoning changes (flagged sentences, group mentions, option lists, length) "
-        "and how accuracy and the BBQ bias scores change, tuned − base on the same items.",
+        "Whether KL(P_s || P_o) moves on training and held-out pairs, and how the reasoning "
+        "(flags, group mentions, option lists), accuracy and BBQ scores change on the same items.",
     ],
     "cannot_show": [
-        "Whether the method reduces bias in reasoning models, on a small model whose "
-        "'reasoning' mostly restates the question and whose answers follow a letter preference.",
-        "Bias as a person would judge it: the lexicon flags a group term next to a stereotyped "
-        "attribute (also in correct restatements of evidence); an LM judge that is the model "
-        "itself, or a small one, is weakly informative (see judge_vs_lexicon).",
+        "Whether the method reduces bias in reasoning models: a 135M model barely reasons.",
+        "Bias as a person judges it: the lexicon flags group + attribute (also correct evidence); "
+        "a self- or small judge is weakly informative (judge_vs_lexicon says how much).",
         "Small effects: with tens of items an interval containing 0 is no evidence either way.",
     ],
 }
@@ -127,8 +114,8 @@ class Settings(C.Settings):
         if (self.data is None) != (self.bbq_metadata is None):
             raise ValueError("--data (official BBQ JSONL folder or file) needs --bbq-metadata "
                              "additional_metadata.csv, and --bbq-metadata needs --data")  # fmt: skip
-        if not 0 < self.alpha < 1 or not 0 <= self.judge_min_mass <= 1:
-            raise ValueError("--alpha must be in (0, 1) and --judge-min-mass in [0, 1]")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
 
 
 # ------------------------------------------------------------------ data
@@ -175,10 +162,7 @@ def mine_pairs(items, analyses, s: Settings) -> tuple[list[dict[str, Any]], dict
     found = flagged(items, analyses)
     strict = [(it, a) for it, a in found if a["correct"] or a["unknown"]]
     if strict and len(strict) >= s.min_pairs:
-        rule, chosen = (
-            "strict: flagged reasoning sentence and a correct or 'unknown' answer",
-            strict,
-        )
+        rule, chosen = "strict: flagged sentence, correct or 'unknown' answer", strict
     elif found:
         rule, chosen = (f"FALLBACK: {len(strict)} strict pairs < {s.min_pairs}; all {len(found)} "
                         "flagged responses with an answer line, whatever the answer"), found  # fmt: skip
@@ -214,44 +198,6 @@ def run_training(model, pairs, s: Settings, seed: int, out: Path) -> tuple[Any, 
         "losses": list(result.losses), "adapter": str(save_adapter(result.model, out)),
         "loss": "KLSpanLoss" + (f" + {s.sft_weight}*SFT outside s" if s.sft_weight > 0 else ""),
     }  # fmt: skip
-
-
-# ------------------------------------------------------------------ judges
-def make_judges(model, s: Settings) -> dict[str, Any]:
-    judges: dict[str, Any] = {}
-    if s.judge_model != "none":
-        judge_lm = model if s.judge_model == "self" else C.load(s, s.judge_model)
-        judges["judge"] = bias_detectors.judge(judge_lm, min_mass=s.judge_min_mass)
-    if s.classifier is not None:
-        if not Path(s.classifier).is_dir():
-            raise FileNotFoundError(f"--classifier {s.classifier}: not a local model directory")
-        judges["classifier"] = ClassifierJudge(
-            s.classifier, label=s.classifier_label, template="{sentence}", truncation=True,
-            device=None if s.device == "cpu" else s.device)  # fmt: skip
-    return judges
-
-
-def judge_sentences(judges, items, by_run: dict[str, list[dict]], s: Settings) -> dict[str, Any]:
-    """Score every distinct (context, sentence) once per judge; the score goes on the sentence."""
-
-    def ctx(it):
-        return it.question if s.judge_context == "question" else f"{it.context} {it.question}"
-
-    jobs = [(x, (ctx(it), x["text"])) for run in by_run.values()
-            for it, a in zip(items, run, strict=True) for x in a["sentences"]]  # fmt: skip
-    unique = sorted({key for _, key in jobs})
-    info = {}
-    for name, judge in judges.items():
-        if not unique:
-            break
-        res = judge([{"context": c, "sentence": t} for c, t in unique], batch_size=s.batch_size)
-        index = {key: i for i, key in enumerate(unique)}
-        for x, key in jobs:
-            x[name] = float(res.scores[index[key]]) if res.status[index[key]] == "ok" else None
-        mass = res.mass[torch.isfinite(res.mass)]
-        info[name] = {"n_sentences": len(unique), "status": res.counts(),
-                      "mean_mass": float(mass.mean()) if len(mass) else None}  # fmt: skip
-    return info
 
 
 # ------------------------------------------------------------------ statistics
@@ -355,31 +301,6 @@ def compare(base, tuned, scorers, s: Settings, seed: int, m: int) -> dict[str, A
     return out
 
 
-def official(items, analyses) -> dict[str, Any]:
-    """BBQ's own per-category scores (``bbq.official_scores``); counts, no intervals."""
-    scores = bbq.official_scores(items, [a["choice"] for a in analyses])
-    return {k: {"s_dis": v.s_dis, "s_amb": v.s_amb, "accuracy_ambig": v.ambig.accuracy,
-                "accuracy_disambig": v.disambig.accuracy, "n_ambig": v.ambig.n,
-                "n_disambig": v.disambig.n} for k, v in sorted(scores.items())}  # fmt: skip
-
-
-def judge_vs_lexicon(runs_, scorer: str, s: Settings, seed: int) -> dict[str, Any] | None:
-    """AUROC of the scorer for lexicon-flagged vs unflagged sentences: the same sentences
-    scored by both; cluster bootstrap over items."""
-    rows = [(x[scorer], float(x["flagged"]), i) for run in runs_ for i, a in enumerate(run)
-            for x in a["sentences"] if x.get(scorer) is not None]  # fmt: skip
-    if not rows:
-        return None
-    score, flag, group = (torch.tensor(c, dtype=torch.float64) for c in zip(*rows, strict=True))
-    n_flagged = int(flag.sum())
-    if n_flagged in (0, len(rows)):
-        return {"n_sentences": len(rows), "n_flagged": n_flagged, "auroc": None,
-                "reason": "needs flagged and unflagged sentences"}  # fmt: skip
-    iv = stats.cluster_bootstrap_ci(lambda a, f: stats.auroc(a[f > 0], a[f == 0]), score, flag,
-                                    groups=group.long(), n_boot=s.n_boot, seed=seed)  # fmt: skip
-    return {"n_sentences": len(rows), "n_flagged": n_flagged, "auroc": iv.as_dict()}
-
-
 # ------------------------------------------------------------------ one seed
 def run_seed(model, items, judges, s: Settings, seed: int, prefill: str, report, m: int):
     out, levels = Path(s.out), (0.95, 1 - s.alpha / m)
@@ -411,12 +332,16 @@ def run_seed(model, items, judges, s: Settings, seed: int, prefill: str, report,
             peft_model.unload()  # the base model again, for a self-judge and the next seed
     runs_ = {"base": base} | ({"tuned": tuned} if tuned is not None else {})
     with report.step(f"seed{seed}_judge"):
-        res["judges"] = judge_sentences(judges, eval_items, runs_, s)
-        res["judge_vs_lexicon"] = {k: judge_vs_lexicon(runs_.values(), k, s, seed) for k in judges}
+        res["judges"] = bias_detectors.judge_sentences(judges, eval_items, runs_, s)
+        res["judge_vs_lexicon"] = {
+            k: bias_detectors.agreement(runs_.values(), k, s.n_boot, seed) for k in judges
+        }
     for name, rows in (("mine", mined), *runs_.items()):
         path = out / f"responses_seed{seed}_{name}.jsonl"
         path.write_text("".join(json.dumps(C.jsonable(r)) + "\n" for r in rows), encoding="utf-8")
-    res["official_scores"] = {k: official(eval_items, v) for k, v in runs_.items()}
+    res["official_scores"] = {  # BBQ's own per-category scores: counts, no intervals
+        k: bbq.official_scores(eval_items, [a["choice"] for a in v]) for k, v in runs_.items()
+    }
     res["answers"] = {k: {"parse": dict(Counter(a["parse_method"] for a in v)),
                           "forced": sum(a["forced_answer"] for a in v), "n": len(v)}
                       for k, v in runs_.items()}  # fmt: skip
@@ -447,19 +372,16 @@ def spread(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def headline(res: dict[str, Any], m: int) -> list[str]:
-    def fmt(d):
-        if d["estimate"] is None:
-            return f"{d['before']} -> {d['after']}: undefined"
-        head = f"{d['before']:.3f} -> {d['after']:.3f}, {d['estimate']:+.3f}"
-        if d["degenerate"]:
-            return f"{head} (degenerate: {d['n_changed']} of {d['n']} items changed)"
-        ivs = [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in d["intervals"].values()]
-        return f"{head} {' / '.join(ivs) or '(no interval)'}"
+    def f(x):
+        return "n/a" if x is None else f"{x:+.3f}"
 
     rule = res["pairs"]["rule"].split(":")[0]
-    lines = [f"pairs: {res['pairs']['n_pairs']} ({rule}); tuned - base with 95% / "
-             f"Bonferroni (m={m}) intervals"]  # fmt: skip
-    lines += [f"{name}: {fmt(d)}" for name, d in differences(res).items()]
+    lines = [f"pairs: {res['pairs']['n_pairs']} ({rule}); tuned - base [95%] / [Bonferroni, m={m}]"]
+    for name, d in differences(res).items():
+        ivs = " / ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in d["intervals"].values())
+        if d["degenerate"]:
+            ivs = f"degenerate: {d['n_changed']} of {d['n']} items changed"
+        lines.append(f"{name}: {f(d['before'])} -> {f(d['after'])}, {f(d['estimate'])} {ivs}")
     if "tuned" not in next(iter(res["metrics"].values())):
         lines.append(f"no tuned model: {res['training']['skipped']}")
     return lines
@@ -497,7 +419,7 @@ def body(s: Settings, report) -> None:
         think = probe.rstrip().endswith("<think>")
         prefill = s.prefill if s.prefill != "auto" else ("" if think else "Reasoning:")
         report["model"] = {"spec": s.model, "n_layers": model.cfg.n_layers, "prefill": prefill}
-        judges = make_judges(model, s)
+        judges = bias_detectors.judges(model, s, lambda spec: C.load(s, spec))
     m = 1 + sum(n not in ("judge", "classifier") or n in judges for n in METRICS)
     report["multiplicity"] = {"family": "every tuned - base difference (metrics, held-out KL)",
                               "m": m, "method": "Bonferroni", "level": 1 - s.alpha / m}  # fmt: skip

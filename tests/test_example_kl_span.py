@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from example_helpers import example_module, non_finite
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -469,3 +470,34 @@ def test_a_failed_run_says_so_in_its_report(kls, tmp_path):
                   str(tmp_path / "run")])  # fmt: skip
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "failed" and "no BBQ item" in report["error"]
+
+
+def test_classifier_and_judge_flags_take_effect(kls, items, tmp_path):
+    """--classifier: a local HF classifier directory scores every sentence (P(label));
+    --judge-model none: no LM judge; a missing directory is an error, not a silent skip."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "man", "was", "aggressive", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "clf")
+    config = BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1,
+                        num_attention_heads=1, intermediate_size=8,
+                        id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1})  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    s = _settings(kls, "--judge-model", "none", "--classifier", str(tmp_path / "clf"))
+    scorers = bias_detectors.judges(None, s, load=None)
+    assert list(scorers) == ["classifier"]
+    runs_ = {"base": [_analysis(items[0], 0, [("The man was aggressive.", True)])]}
+    info = bias_detectors.judge_sentences(scorers, items[:1], runs_, s)
+    score = runs_["base"][0]["sentences"][0]["classifier"]
+    assert info["classifier"]["status"] == {"ok": 1} and 0 < score < 1
+    with pytest.raises(ValueError, match="not the model's"):
+        bias_detectors.judges(None, _settings(kls, "--judge-model", "none", "--classifier",
+                                              str(tmp_path / "clf"), "--classifier-label", "toxic"), None)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="--classifier"):
+        bias_detectors.judges(
+            None,
+            _settings(kls, "--judge-model", "none", "--classifier", str(tmp_path / "no")),
+            None,
+        )
