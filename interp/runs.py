@@ -1185,6 +1185,8 @@ def capture_dataset(
     chat_format: Any = "template",
     chat_template_kwargs: Mapping[str, Any] | None = None,
     length_window: int = 16,
+    rank: int | None = None,
+    world_size: int | None = None,
     progress: bool = True,
 ) -> DatasetActivations | ShardedActivations:
     """Activations of a whole dataset at ``names``: the one way to turn data into rows.
@@ -1221,6 +1223,16 @@ def capture_dataset(
             a window's shards are written when the window completes, so an interruption
             loses at most one window. Batches of an iterable of ``Batch`` objects are run
             as given.
+        rank, world_size: data parallelism. Windows of inputs are dealt out round-robin
+            (window ``w`` to rank ``w % world_size``); every rank reads the whole input in
+            the same order, so ``example`` indices are global. Default: the
+            ``torch.distributed`` process group when one is initialised (``torchrun``),
+            else one process. With ``to=``, the ranks write their shards into the one
+            folder and, once all are there, ``meta.json`` lists them all: every rank gets
+            the whole dataset back (with a process group, after a barrier; with explicit
+            ``rank``/``world_size`` and no group, the rank that finds every shard present
+            writes it, and the others get their own shards, ``meta["complete"]`` False).
+            In memory (``to=None``) each rank gets its own rows.
         progress: show a tqdm bar.
 
     The forward pass stops after the last block asked for when the model supports
@@ -1234,6 +1246,7 @@ def capture_dataset(
     _check_batch_size(batch_size)
     if isinstance(length_window, bool) or not isinstance(length_window, int) or length_window < 1:
         raise ValueError(f"length_window must be a positive int, got {length_window!r}")
+    rank, world_size, group = _world(rank, world_size)
     chat = _ChatOptions.of(chat_format, chat_template_kwargs)
     resolved = model.resolve(names)
     if not resolved:
@@ -1271,12 +1284,17 @@ def capture_dataset(
     bar = _progress(total, "capture_dataset", progress)
     parts: list[DatasetActivations] = []
     shards: list[str] = []
+    mine: list[str] = []
     offset = 0
     try:
         batches = _iter_batches(model, data, batch_size, chat)
-        for window, sortable in _windows(batches, length_window):
+        for w, (window, sortable) in enumerate(_windows(batches, length_window)):
             sort = sortable and length_window > 1
-            if out is None:
+            n = sum(len(chunk) for chunk in window)
+            if w % world_size != rank:  # another rank's window
+                first = len(shards)
+                shards.extend([_shard_name(first + i) for i in range(len(window))])
+            elif out is None:
                 rows = [r for chunk in window for r in chunk]
                 parts.append(
                     _capture_window(
@@ -1284,31 +1302,89 @@ def capture_dataset(
                         bar.update,
                     )
                 )  # fmt: skip
+                n = 0  # counted by the passes
             else:
-                shards.extend(
-                    _shards(
-                        model, out, len(shards), window, resolved, plan, dtype, stop, offset,
-                        config, batch_size, sort, bar.update,
-                    )
+                done = _shards(
+                    model, out, len(shards), window, resolved, plan, dtype, stop, offset,
+                    config, batch_size, sort, bar.update,
                 )  # fmt: skip
+                shards.extend(done)
+                mine.extend(done)
+                n = 0
+            bar.update(n)
             offset += sum(len(chunk) for chunk in window)
     finally:
         bar.close()
     if offset == 0:
         raise ValueError("empty input: no texts, conversations or rows to capture")
     if out is None:
+        if not parts:
+            raise ValueError(
+                f"rank {rank} of {world_size} got no inputs (fewer windows of "
+                f"{length_window} batches than ranks): lower length_window, or pass to= "
+                "(a rank without windows then writes nothing)"
+            )
         return _concat(parts, resolved)
-    rows_total = 0
-    for name in shards:
-        from safetensors import safe_open
+    if group:
+        import torch.distributed as dist
 
+        dist.barrier()
+        if rank == 0:
+            _write_meta(out, resolved, shards, offset)
+        dist.barrier()
+        return ShardedActivations(out, json.loads((out / _META).read_text()))
+    if all((out / name).exists() for name in shards):
+        return ShardedActivations(out, _write_meta(out, resolved, shards, offset))
+    meta = _meta(out, resolved, mine, offset)
+    meta["complete"] = False
+    return ShardedActivations(out, meta)
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """``(rank, world_size, process group?)`` of a capture."""
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized()
+    if rank is None and world_size is None:
+        return (dist.get_rank(), dist.get_world_size(), True) if group else (0, 1, False)
+    if rank is None or world_size is None:
+        raise ValueError("pass both rank and world_size, or neither (torch.distributed decides)")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    if group and (rank, world_size) != (dist.get_rank(), dist.get_world_size()):
+        raise ValueError(
+            f"rank={rank}, world_size={world_size} disagree with the initialised process "
+            f"group (rank {dist.get_rank()} of {dist.get_world_size()})"
+        )
+    return rank, world_size, group and world_size > 1
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def _meta(out: Path, names: Sequence[str], shards: Sequence[str], examples: int) -> dict:
+    from safetensors import safe_open
+
+    rows = 0
+    for name in shards:
         with safe_open(str(out / name), framework="pt") as f:
-            rows_total += int(f.get_slice("__example__").get_shape()[0])
-    meta = {"names": resolved, "shards": shards, "rows": rows_total, "examples": offset}
+            rows += int(f.get_slice("__example__").get_shape()[0])
+    return {"names": list(names), "shards": list(shards), "rows": rows, "examples": examples}
+
+
+def _write_meta(out: Path, names: Sequence[str], shards: Sequence[str], examples: int) -> dict:
+    """``meta.json`` of a complete folder (every shard present: raises otherwise)."""
     from interp.cache import atomic_write
 
+    missing = [s for s in shards if not (out / s).exists()]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:4]} are missing after every rank finished")
+    meta = _meta(out, names, shards, examples)
     atomic_write(out / _META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    return ShardedActivations(out, meta)
+    return meta
 
 
 def _shards(
@@ -1335,7 +1411,7 @@ def _shards(
 
     names_out, todo = [], []
     for i, rows in enumerate(window):
-        name = f"shard_{first + i:05d}.safetensors"
+        name = _shard_name(first + i)
         path, fp = out / name, _fingerprint(rows, config)
         names_out.append(name)
         if path.exists():
