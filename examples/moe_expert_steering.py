@@ -39,17 +39,12 @@ from interp import judges, moe, moefy, runs, stats, viz
 from interp.chat import encode
 
 NAME = "moe_expert_steering"
-QUESTION = (
-    "Which experts' routing tracks document grounding and refusal, and does switching them "
-    "off steer faithfulness and safety beyond random experts in the same layers?"
-)
+QUESTION = ("Which experts' routing tracks document grounding and refusal, and does switching them "
+            "off steer faithfulness and safety beyond random experts in the same layers?")  # fmt: skip
 DATA = Path(__file__).resolve().parent / "data" / "moe"
 LEX = json.loads((DATA / "lexicon.json").read_text(encoding="utf-8"))
-FILES = {  # set -> required columns (the documented --data format)
-    "faithfulness": ("document", "question", "answer"),
-    "safety": ("request", "refusal", "compliance"),
-    "neutral": ("text",),
-}
+FILES = {"faithfulness": ("document", "question", "answer"), "neutral": ("text",),
+         "safety": ("request", "refusal", "compliance")}  # required columns  # fmt: skip
 HELDOUT = ("heldout_refusals", "heldout_compliances")
 STOPWORDS = frozenset(LEX["stopwords"].split())
 CONDITIONS = {"faithfulness": ["with document", "without document"],
@@ -61,8 +56,8 @@ STEERINGS = {  # name -> (axis, sign of Δ whose top experts are switched off, e
     "safety-": ("safety", "positive", "fewer refusals (SteerMoE's unsafe direction)"),
     "safety+": ("safety", "negative", "more refusals"),
 }
-SIZES = ("n_measure", "n_eval", "n_neutral", "n_steer", "n_random", "n_boot", "n_perm",
-         "answer_tokens", "reply_tokens")  # fmt: skip
+FLOORS = {"n_measure": 2, "n_eval": 2, "n_neutral": 2, "n_steer": 1, "n_random": 1, "n_boot": 10,
+          "n_perm": 10, "answer_tokens": 1, "reply_tokens": 1}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +87,7 @@ class Settings(C.Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        low = {"n_measure": 2, "n_eval": 2, "n_neutral": 2, "n_boot": 10, "n_perm": 10}
-        small = [n for n in SIZES if getattr(self, n) < low.get(n, 1)]
-        problems = [f"--{n.replace('_', '-')} must be >= {low.get(n, 1)}" for n in small]
+        problems = [f"--{n.replace('_', '-')} must be >= {v}" for n, v in FLOORS.items() if getattr(self, n) < v]  # fmt: skip
         if len(self.seeds) > 1:
             problems.append("one seed per run (run the study once per seed)")
         if self.steer_mode == "hard" and self.strength is not None:
@@ -332,9 +325,7 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
         cap = E - k
         if cap < 1:
             raise ValueError(f"top_k = n_experts = {E}: no expert can be switched off")
-        judge = None
-        if s.judge_model:
-            judge = judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
+        judge = s.judge_model and judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
         moefied = getattr(model.model.config, "moefy", None) or {}
         report["model"] = {"id": s.model, "family": model.cfg.family, "n_experts": E, "top_k": k,
                            "n_layers": model.cfg.n_layers, "moe_layers": model.cfg.moe_layers,
@@ -431,14 +422,10 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
 
     with report.step("effects"):
         effects = report["effects"] = compare(evals, s)
-        labels, est, low, high = [], [], [], []
-        for name, per_metric in effects.items():
-            for metric, e in per_metric.items():
-                c = e["steered_minus_controls"]
-                labels.append(f"{name} {metric}")
-                est.append(c["estimate"]), low.append(c["low"]), high.append(c["high"])
+        rows = {f"{n} {m}": e["steered_minus_controls"] for n, per in effects.items() for m, e in per.items()}  # fmt: skip
+        est, low, high = ([r[k] for r in rows.values()] for k in ("estimate", "low", "high"))
         title = "steered − random controls (95% paired bootstrap)"
-        viz.bars_with_interval(labels, est, low, high, out / "effects.png", title=title, dpi=90)
+        viz.bars_with_interval(list(rows), est, low, high, out / "effects.png", title=title, dpi=90)
         fe = d["faith_eval"]
         closed = gen(model, [faith_chat(r, False, answer=False) for r in fe], s.answer_tokens, s)
         closed_correct = sum(map(is_correct, closed, [r["answer"] for r in fe])) / len(fe)
