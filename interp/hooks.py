@@ -264,8 +264,22 @@ class HookedModelBase:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the input embedding's execution device on a model dispatched by
+        accelerate (``device_map``, whose offloaded weights sit on ``meta`` until used),
+        else the first parameter's device."""
+        if getattr(self.model, "hf_device_map", None):
+            get = getattr(self.model, "get_input_embeddings", None)
+            embed = get() if callable(get) else None
+            hook = getattr(embed, "_hf_hook", None)
+            execution = getattr(hook, "execution_device", None)
+            if execution is not None:
+                return torch.device(execution)
+            for p in embed.parameters() if embed is not None else ():
+                if p.device.type != "meta":
+                    return p.device
         for p in self.model.parameters():
-            return p.device
+            if p.device.type != "meta":
+                return p.device
         return torch.device("cpu")
 
     # -- hooks -----------------------------------------------------------------
