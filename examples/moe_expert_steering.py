@@ -325,7 +325,11 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
         cap = E - k
         if cap < 1:
             raise ValueError(f"top_k = n_experts = {E}: no expert can be switched off")
-        judge = s.judge_model and judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
+        judge = (
+            judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
+            if s.judge_model
+            else None
+        )
         moefied = getattr(model.model.config, "moefy", None) or {}
         report["model"] = {"id": s.model, "family": model.cfg.family, "n_experts": E, "top_k": k,
                            "n_layers": model.cfg.n_layers, "moe_layers": model.cfg.moe_layers,
