@@ -56,7 +56,8 @@ METHODS = {  # what each number of report.json is compared against, its interval
     "cohens_d": "chat SAE encodes chat and base activations of the same sentences; d = (mean "
     "chat − mean base) / pooled SD, d_z = mean / SD of the paired differences; paired sign-flip "
     "test per feature, Benjamini–Hochberg over the layer's features; paired percentile "
-    "bootstrap over sentences for the top-|d| features (selected by |d|: post-selection)",
+    "bootstrap over sentences for the top features (BH-significant first, then by |d|; "
+    "intervals after selection are optimistic)",
     "clustering": "k-means over the alive features of the nine SAEs; delta enrichment = delta "
     "share in a cluster / overall; one-sided permutation test of the largest enrichment over "
     "the clusters (kind labels shuffled over features: corrected for picking the largest)",
@@ -99,11 +100,11 @@ class Settings(C.Settings):
     resample_every: int | None = C.field(400, "resample dead latents every N steps (None: off)")
     n_boot: int = C.field(1000, "bootstrap resamples")
     n_perm: int = C.field(999, "permutations / sign flips per test")
-    n_ci: int = C.field(25, "top-|d| features per layer with a bootstrap interval")
+    n_ci: int = C.field(25, "top features per layer (BH-significant first) with an interval")
     top_examples: int = C.field(8, "top sentences per feature")
     n_clusters: int = C.field(8, "k-means clusters over features")
     embed: bool = C.field(True, "cluster on all-MiniLM-L6-v2 (else on base activations)")
-    n_causal: int = C.field(16, "top-|d| features ablated in the causal check")
+    n_causal: int = C.field(16, "top features (BH-significant first) ablated in the causal check")
     n_random: int = C.field(60, "firing-rate-matched random sets (rank test: p >= 1/(n+1))")
     n_bins: int = C.field(5, "firing-rate quantile bins for the matched draw")
     causal_layers: str = C.field("all", "layers of the causal check", choices=("mid", "all"))
@@ -200,8 +201,9 @@ def encode(sae: TopKSAE, x: Tensor) -> Tensor:
 
 
 def feature_tests(zc: Tensor, zb: Tensor, s: Settings) -> list[dict[str, Any]]:
-    """Per feature that varies, by |d|: Cohen's d (pooled SD), d_z (SD of the paired
-    differences) and a paired sign-flip p-value, BH-adjusted over the features."""
+    """Per feature that varies: Cohen's d (pooled SD), d_z (SD of the paired differences) and a
+    paired sign-flip p-value, BH-adjusted over the features; ranked BH-significant first, then
+    by |d| (a feature firing on one sentence under one model has |d| ≈ 1/√n but p = 1)."""
     diff = zc.double() - zb.double()
     rows = []
     for j in ((zc.std(0) > 0) | (zb.std(0) > 0)).nonzero().flatten().tolist():
@@ -211,7 +213,7 @@ def feature_tests(zc: Tensor, zb: Tensor, s: Settings) -> list[dict[str, Any]]:
         rows.append({"feature": j, "d": stats.cohens_d(zc[:, j], zb[:, j]), "d_z": d_z, "p": p})
     for r, p in zip(rows, stats.benjamini_hochberg([r["p"] for r in rows]).tolist(), strict=True):
         r["p_bh"] = p
-    return sorted(rows, key=lambda r: -abs(r["d"]))
+    return sorted(rows, key=lambda r: (r["p_bh"] >= 0.05, -abs(r["d"])))  # significant first
 
 
 def cluster(codes: dict, emb: Tensor, s: Settings) -> dict[str, Any]:
@@ -387,11 +389,11 @@ def study(s: Settings, report: C.Report) -> None:
             sig = [r for r in tests if r["p_bh"] < 0.05]
             per_layer[ly] = {"n_features_tested": len(tests), "n_bh_significant": len(sig),
                              "n_abs_d_gt_0.8_and_bh": sum(abs(r["d"]) > 0.8 for r in sig),
-                             "max_abs_d": abs(tests[0]["d"]) if tests else None,
+                             "max_abs_d": max((abs(r["d"]) for r in tests), default=None),
                              "top": tests[: s.n_ci], "ranked": [r["feature"] for r in tests]}  # fmt: skip
     top = per_layer[mid]["top"]
     interval_bars([f"f{r['feature']}" for r in top], [r["ci"] for r in top], out / "cohens_d.png",
-                  title=f"layer {mid}: top-|d| chat-SAE features",
+                  title=f"layer {mid}: top chat-SAE features (BH-significant first, by |d|)",
                   xlabel="Cohen's d (chat − base), paired bootstrap 95% CI")  # fmt: skip
 
     with report.step("clustering"):
