@@ -85,10 +85,11 @@ class Inoculation(C.Settings):
     QUICK: ClassVar[dict[str, Any]] = {
         "n_layers": 8, "per_domain": 2, "gen_tokens": 24, "n_select": 16, "n_calib": 16,
         "n_random": 200, "n_boot": 500, "n_perm": 999, "n_train": 48, "epochs": 1, "lr": 3e-3,
-        "n_eval": 16, "eval_tokens": 16,
+        "n_eval": 16, "eval_tokens": 16, "seeds": (0,),
     }
     # fmt: on
 
+    seeds: tuple[int, ...] = C.field((0, 1, 2), "seeds: per-seed values, mean and SD over seeds")
     n_layers: int = C.field(0, "evenly spaced layer subset (0 = every layer)")
     per_domain: int = C.field(6, "direction prompts per domain in each half (fit / held-out)")
     gen_tokens: int = C.field(32, "greedy tokens per reply for the caps sanity checks")
@@ -415,6 +416,7 @@ def step_training(run: Seed, prompts: dict[str, str], data: dict[str, Any]) -> d
         reference = model.forward(probe.input_ids, probe.attention_mask).float()
     trainable = {n: p.requires_grad for n, p in model.model.named_parameters()}
     out: dict[str, Any] = {"caps_before": {k: mean(v) for k, v in before.items()}}
+    after: dict[str, dict[str, Tensor]] = {}
     for cond, system in prompts.items():
         enc = run.encode(teacher_forced(system, data["train"])).to("cpu")
         rows = zip(enc.input_ids, enc.masks["assistant"], enc.attention_mask.sum(1), strict=True)
@@ -424,7 +426,7 @@ def step_training(run: Seed, prompts: dict[str, str], data: dict[str, Any]) -> d
             config, batch_size=s.train_batch, seed=run.seed, warmup_ratio=0.1
         )
         result = T.train(model, examples, T.SFTLoss(), config, tokenizer=model.tokenizer)
-        after = {k: run.caps(prompts["neutral"], u, s.eval_tokens) for k, u in users.items()}
+        after[cond] = {k: run.caps(prompts["neutral"], u, s.eval_tokens) for k, u in users.items()}
         result.model.unload()  # removes the LoRA layers; the base weights were never trained
         for n, p in model.model.named_parameters():
             p.requires_grad_(trainable.get(n, p.requires_grad))
@@ -432,8 +434,10 @@ def step_training(run: Seed, prompts: dict[str, str], data: dict[str, Any]) -> d
             moved = (model.forward(probe.input_ids, probe.attention_mask) - reference).abs().max()
         if float(moved) > 1e-3 * max(1.0, float(reference.abs().max())):
             raise RuntimeError(f"the base model changed after unloading LoRA (|dlogit| {moved})")
-        drift = {f"caps_drift_{k}": run.ci(change, before[k], after[k]) for k in users}
+        drift = {f"caps_drift_{k}": run.ci(change, before[k], after[cond][k]) for k in users}
         out[cond] = {"steps": result.steps, "loss": [result.losses[0], result.losses[-1]], **drift}
+    for c, k in ((c, k) for c in ("inoculation", "control") for k in users):  # same prompts: paired
+        out[c][f"caps_after_minus_neutral_{k}"] = run.ci(change, after["neutral"][k], after[c][k])
     return out
 
 
@@ -471,13 +475,16 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     seed, layers = report["seeds"][0], report["layers"]
     h = report["per_seed"][str(seed)]["alignment"][HEADLINE]
     kw = {"hline": 0.0, "xlabel": "layer"}
-    title = f"at {HEADLINE}, seed {seed}: cos < 0 pushes towards caps"
     lines = {c: h[c]["cos"] for c in CONDITIONS}
+    title = f"mean cos(dL/dh, v), {HEADLINE}, seed {seed} (< 0: towards caps)"
     viz.line_with_band(layers, lines, path=out / "cosine_vs_layer.png", title=title, **kw)
     lines = {c: [d["estimate"] for d in h[c]["delta_cos"]] for c in PRIMARY}
     band = (h["inoculation_vs_control"]["null_low"], h["inoculation_vs_control"]["null_high"])
-    label = "random directions (vs control)"
-    viz.line_with_band(layers, lines, *band, out / "delta_cos.png", band_label=label, **kw)
+    kw |= {
+        "band_label": "random directions (vs control)",
+        "title": "change in mean cos (> 0: less push towards caps)",
+    }
+    viz.line_with_band(layers, lines, *band, out / "delta_cos.png", **kw)
     return ["cosine_vs_layer.png", "delta_cos.png"]
 
 

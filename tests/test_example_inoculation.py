@@ -95,6 +95,7 @@ def test_study_runs_on_a_tiny_bf16_model_with_a_thinking_template(study, tmp_pat
         for cond in study.CONDITIONS:
             t = r["training"][cond]
             assert t["steps"] == 1 and finite_interval(t["caps_drift_math"])
+        assert finite_interval(r["training"]["inoculation"]["caps_after_minus_neutral_general"])
     spread = report["across_seeds"]["delta_cos_layer_average.inoculation_vs_control"]
     assert len(spread["per_seed"]) == 2 and spread["sd"] is not None and spread["sd"] >= 0
     assert spread["mean"] == pytest.approx(sum(spread["per_seed"]) / 2)
