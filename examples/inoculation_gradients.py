@@ -353,19 +353,11 @@ def step_alignment(
                 for i in range(x.shape[1])
             ]
             avg, band = run.ci(change, x.mean(1), y.mean(1)), comp.null_delta.mean(1)
-            as_big = int((band.abs() >= abs(avg["estimate"])).sum())
+            p_null = (1 + int((band.abs() >= abs(avg["estimate"])).sum())) / (1 + len(band))
             lo, hi = band.quantile(0.025).item(), band.quantile(0.975).item()
-            average = {
-                "delta_cos": avg,
-                "null_low": lo,
-                "null_high": hi,
-                "p_null": (1 + as_big) / (1 + len(band)),
-            }
-            per[name] = {
-                **comp.summary(),
-                "p_sign_flip": [f.p_value for f in flips],
-                "layer_average": average,
-            }
+            average = dict(delta_cos=avg, null_low=lo, null_high=hi, p_null=p_null)
+            p_flip = [f.p_value for f in flips]
+            per[name] = {**comp.summary(), "p_sign_flip": p_flip, "layer_average": average}
         out[pos] = per
     head, n = out[HEADLINE], len(run.layers)  # multiplicity: layers x primary comparisons
     for key in ("p_sign_flip", "p_null"):
@@ -380,10 +372,8 @@ def verdict(direction: dict[str, Any], align: dict[str, Any], s: Inoculation) ->
     """The seed's verdict on "inoculation rotates the gradient away from the trait"."""
     if not direction["sanity_passed"]:
         failed = [k for k, v in direction["sanity"].items() if not v["passed"]]
-        return {
-            "verdict": "uninformative",
-            "reason": f"sanity check(s) {failed} failed: {UNINFORMATIVE}",
-        }
+        why = f"sanity check(s) {failed} failed: {UNINFORMATIVE}"
+        return {"verdict": "uninformative", "reason": why}
     gap = align[HEADLINE]["inoculation_vs_control"]["delta_loss"]
     if not gap["low"] <= 0 <= gap["high"]:
         why = f"the control is not loss-matched on the comparison batch (inoculation - control loss {gap['estimate']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}])"
@@ -391,9 +381,7 @@ def verdict(direction: dict[str, Any], align: dict[str, Any], s: Inoculation) ->
     failing = []
     for name in PRIMARY:
         c = align[HEADLINE][name]
-        p = [
-            max(a, b) for a, b in zip(c["p_sign_flip_adjusted"], c["p_null_adjusted"], strict=True)
-        ]
+        p = torch.tensor([c["p_sign_flip_adjusted"], c["p_null_adjusted"]]).amax(0)
         rises = [d["estimate"] > 0 and p[i] <= s.alpha for i, d in enumerate(c["delta_cos"])]
         if not (c["layer_average"]["delta_cos"]["low"] > 0 and any(rises)):
             failing.append(name)
@@ -422,9 +410,8 @@ def step_training(run: Seed, prompts: dict[str, str], data: dict[str, Any]) -> d
         rows = zip(enc.input_ids, enc.masks["assistant"], enc.attention_mask.sum(1), strict=True)
         examples = [{"input_ids": i[:n].tolist(), "loss_mask": m[:n].tolist()} for i, m, n in rows]
         config = T.TrainConfig(r=s.lora_r, alpha=2.0 * s.lora_r, lr=s.lr, epochs=s.epochs)
-        config = dataclasses.replace(
-            config, batch_size=s.train_batch, seed=run.seed, warmup_ratio=0.1
-        )
+        config = dataclasses.replace(config, batch_size=s.train_batch, seed=run.seed)
+        config = dataclasses.replace(config, warmup_ratio=0.1)  # as the earlier runs
         result = T.train(model, examples, T.SFTLoss(), config, tokenizer=model.tokenizer)
         after[cond] = {k: run.caps(prompts["neutral"], u, s.eval_tokens) for k, u in users.items()}
         result.model.unload()  # removes the LoRA layers; the base weights were never trained
