@@ -1,4 +1,5 @@
-"""TopK sparse autoencoders: model, sparse kernels, trainer, SAELens interchange, splicing.
+"""Sparse autoencoders: TopK model, sparse kernels, trainer, SAELens interchange, splicing,
+evaluation on a model, and the end-to-end pipeline (``python -m interp.sae``).
 
 ``TopKSAE`` (Gao et al. 2024) keeps its latents as k (index, value) pairs; encoder and
 decoder backward passes touch only the selected latents (``functional``).
@@ -8,11 +9,17 @@ format; ``splice`` puts it into a model through a TransformerLens-style hook;
 ``pooled_splice`` edits through an SAE trained on pooled rows and ``matched_features``
 draws firing-rate-matched control latents (``pooled``); ``ActivationStore`` streams
 shuffled activations from a model (or ``cache_activations``/``CachedActivations``
-through disk).
+through disk). ``StandardSAE``/``JumpReLUSAE`` (``archs``) are SAELens's ReLU and JumpReLU
+SAEs for inference (``load_saelens``/``from_saelens`` dispatch on the architecture);
+``evaluate_on_model`` (``evaluation``) reports L0, FVU, CE loss recovered over real tokens,
+dead/dense latents and top-activating examples; ``pipeline`` caches, trains, evaluates
+and exports in one resumable command.
 """
 
 from __future__ import annotations
 
+from interp.sae.archs import SAE, DenseSAEConfig, JumpReLUSAE, StandardSAE
+from interp.sae.evaluation import ModelEvalReport, TopExample, evaluate_on_model
 from interp.sae.functional import (
     TopKActivations,
     auxk_loss,
@@ -26,7 +33,13 @@ from interp.sae.functional import (
 )
 from interp.sae.model import SAEOutput, TopKSAE, TopKSAEConfig
 from interp.sae.pooled import matched_features, pooled_splice
-from interp.sae.saelens import from_saelens, load_saelens, save_saelens, to_saelens
+from interp.sae.saelens import (
+    from_saelens,
+    load_saelens,
+    load_topk_saelens,
+    save_saelens,
+    to_saelens,
+)
 from interp.sae.splice import ce_loss_recovered, splice
 from interp.sae.store import ActivationStore, CachedActivations, cache_activations
 from interp.sae.train import (
@@ -40,13 +53,19 @@ from interp.sae.train import (
 )
 
 __all__ = [
+    "SAE",
     "ActivationStore",
     "CachedActivations",
+    "DenseSAEConfig",
     "EvalMetrics",
+    "JumpReLUSAE",
+    "ModelEvalReport",
     "SAEOutput",
     "SAETrainConfig",
     "SAETrainResult",
+    "StandardSAE",
     "StepMetrics",
+    "TopExample",
     "TopKActivations",
     "TopKSAE",
     "TopKSAEConfig",
@@ -56,10 +75,12 @@ __all__ = [
     "default_lr",
     "dense_decode",
     "evaluate",
+    "evaluate_on_model",
     "from_saelens",
     "fvu",
     "geometric_median",
     "load_saelens",
+    "load_topk_saelens",
     "matched_features",
     "pooled_splice",
     "pre_activations",

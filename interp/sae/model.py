@@ -231,7 +231,8 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> TopKSAE:
-        """Load a directory in SAELens's format (ours or one written by SAELens)."""
-        from interp.sae.saelens import load_saelens
+        """Load a TopK directory in SAELens's format (ours or one written by SAELens);
+        other architectures raise (``interp.sae.load_saelens`` loads them)."""
+        from interp.sae.saelens import load_topk_saelens
 
-        return load_saelens(path)
+        return load_topk_saelens(path)

@@ -1,4 +1,9 @@
-"""Splice a TopK SAE into a model's forward pass through a TransformerLens-style hook.
+"""Splice an SAE into a model's forward pass through a TransformerLens-style hook.
+
+Any SAE of the ``interp.sae.SAE`` protocol works: ``TopKSAE`` through its sparse
+(index, value) latents (the fast path: only the k kept latents are decoded for edits),
+and dense-latent SAEs (``StandardSAE``, ``JumpReLUSAE``, e.g. loaded from SAELens)
+through ``encode_dense``/``decode``.
 
 ``splice(sae, ...)`` returns ``fn(activation, hook) -> activation`` for any hook point of
 ``interp``'s ``HookedModel`` (or TransformerLens's ``run_with_hooks``), with the
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interp.sae.archs import SAE
 from interp.sae.functional import TopKActivations, sparse_decode
 from interp.sae.model import TopKSAE
 
@@ -33,7 +39,7 @@ __all__ = ["ce_loss_recovered", "splice"]
 
 
 def _factors(
-    sae: TopKSAE, ablate: Iterable[int], scale: Mapping[int, float | int] | None
+    sae: TopKSAE | SAE, ablate: Iterable[int], scale: Mapping[int, float | int] | None
 ) -> Tensor | None:
     """Per-latent multiplier over d_sae (1 = untouched), or None when nothing is edited."""
     factors = torch.ones(sae.d_sae)
@@ -50,7 +56,7 @@ def _factors(
 
 
 def splice(
-    sae: TopKSAE,
+    sae: TopKSAE | SAE,
     keep_error: bool = False,
     ablate: Iterable[int] = (),
     scale: Mapping[int, float | int] | None = None,
@@ -59,6 +65,13 @@ def splice(
 
     ``ablate`` latents are zeroed (applied after ``scale``, so ablation wins).
     """
+    if not isinstance(sae, TopKSAE):
+        if not isinstance(sae, SAE):
+            raise TypeError(
+                "splice needs a TopKSAE or an SAE with d_in, d_sae, W_dec, b_dec, "
+                f"encode_dense and decode; got {type(sae).__name__}"
+            )
+        return _dense_splice(sae, keep_error, _factors(sae, ablate, scale))
     factors = _factors(sae, ablate, scale)
 
     def hook_fn(activation: Tensor, hook: Any = None) -> Tensor:
@@ -73,6 +86,27 @@ def splice(
             edited = TopKActivations(latents.indices, latents.values * f)
             return sae.decode(edited).to(activation.dtype)
         delta = sparse_decode(latents.indices, latents.values * (f - 1.0), sae.W_dec)
+        return activation + delta.to(activation.dtype)
+
+    return hook_fn
+
+
+def _dense_splice(
+    sae: SAE, keep_error: bool, factors: Tensor | None
+) -> Callable[[Tensor, Any], Tensor]:
+    """``splice`` for dense-latent SAEs: z = encode_dense(x), edits z · factors."""
+
+    def hook_fn(activation: Tensor, hook: Any = None) -> Tensor:
+        del hook
+        if keep_error and factors is None:
+            return activation
+        z = sae.encode_dense(activation)
+        if factors is None:
+            return sae.decode(z).to(activation.dtype)
+        f = factors.to(device=z.device, dtype=z.dtype)
+        if not keep_error:
+            return sae.decode(z * f).to(activation.dtype)
+        delta = (z * (f - 1.0)) @ sae.W_dec.to(z.dtype)
         return activation + delta.to(activation.dtype)
 
     return hook_fn

@@ -1,0 +1,152 @@
+"""The SAE pipeline (python -m interp.sae): end to end on a tiny model, resume after an
+interruption equals the uninterrupted run, export loads in sae_lens, settings checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import interp
+from interp.sae import load_saelens
+from interp.sae.pipeline import QUICK, PipelineConfig, config_from_args, run_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = ["cats", "rain", "tea", "maps", "rivers", "bread", "trains", "songs"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return interp.tiny("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "texts.jsonl"
+    rows = [
+        {
+            "body": f"Note {i}: the {WORDS[i % 8]} and the {WORDS[(3 * i) % 8]} were {i % 5} days late."
+        }
+        for i in range(48)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(out, data, **kw):
+    base = dict(
+        out=str(out),
+        model="tiny-llama",
+        hook_name="blocks.1.hook_resid_post",
+        data=str(data),
+        column="body",
+        tokens=128 * 10,
+        capture_tokens=700,
+        eval_texts=8,
+        max_length=64,
+        d_sae=64,
+        k=4,
+        batch_size=128,
+        warmup_steps=2,
+        dead_tokens=256,
+        buffer_rows=512,
+        checkpoint_every=3,
+        top_n=3,
+        progress=False,
+    )
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, model, data):
+    """One uninterrupted run (its folder is report["settings"]["out"])."""
+    return run_pipeline(_cfg(tmp_path_factory.mktemp("full"), data), model=model)
+
+
+def test_pipeline_resumes_after_interruption_to_the_same_result(tmp_path, model, data, full):
+    assert full["train"]["steps"] == 10 and full["train"]["tokens"] == 1280
+    assert full["data"]["activation_rows"] < 1280  # several passes over the cached rows
+    assert full["data"]["eval_texts"] == 8 and full["data"]["train_texts"] < 40
+    full_dir = Path(full["settings"]["out"])
+    for name in ("report.json", "eval.json", "top_examples.json", "config.json"):
+        assert (full_dir / name).is_file()
+    ev = full["eval"]
+    assert 0 < ev["fvu"] < 1 and 0 < ev["l0"] <= 4
+    assert 0 < ev["ce_loss_recovered"] <= 1.5 and ev["n_tokens"] > 0
+
+    def stop_at_7(m):
+        if m.step == 7:
+            raise _Interrupt
+
+    cfg = _cfg(tmp_path / "cut", data)
+    with pytest.raises(_Interrupt):
+        run_pipeline(cfg, model=model, on_step=stop_at_7)
+    assert not (tmp_path / "cut" / "sae").exists()
+    seen = []
+    resumed = run_pipeline(cfg, model=model, on_step=lambda m: seen.append(m.step))
+    assert seen == [7, 8, 9, 10]  # restarted from the step-6 checkpoint
+    assert resumed["timing"]["stages"]["cache"]["skipped"]
+    assert not resumed["timing"]["stages"]["train"]["skipped"]
+
+    a = load_file(str(full_dir / "sae" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "sae" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["eval"] == full["eval"]
+    assert resumed["train"] == full["train"]
+
+    # a third run skips every stage and reports the same
+    again = run_pipeline(cfg, model=model, on_step=lambda m: pytest.fail("trained again"))
+    assert all(s["skipped"] for k, s in again["timing"]["stages"].items() if k != "load_model")
+    assert again["eval"] == full["eval"]
+
+
+def test_export_loads_in_sae_lens_and_interp(model, full):
+    sae_lens = pytest.importorskip("sae_lens")
+    run = Path(full["settings"]["out"])
+    theirs = sae_lens.SAE.load_from_disk(run / "sae")
+    ours = load_saelens(run / "sae")
+    assert type(theirs).__name__ == "TopKSAE" and theirs.cfg.k == 4
+    assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    x = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_dense(x), theirs.encode(x))
+    top = json.loads((run / "top_examples.json").read_text())
+    some = next(v for v in top.values() if v)
+    assert {"activation", "text_index", "position", "token", "context"} <= set(some[0])
+
+
+def test_changed_settings_in_the_same_folder_raise(tmp_path, model, data):
+    run_pipeline(_cfg(tmp_path / "run", data, tokens=128 * 2), model=model)
+    with pytest.raises(ValueError, match=r"k: 4 → 8"):
+        run_pipeline(_cfg(tmp_path / "run", data, tokens=128 * 2, k=8), model=model)
+    with pytest.raises(KeyError, match="no column 'text'"):
+        run_pipeline(_cfg(tmp_path / "other", data, column="text"), model=model)
+    with pytest.raises(ValueError, match="d_sae"):
+        _cfg(tmp_path, data, k=100)
+
+
+def test_command_line_precedence(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("d_sae: 512\nk: 16\nlr: 0.001\n")
+    cfg = config_from_args(
+        ["--quick", "--config", str(cfg_file), "--k", "8", "--hook", "blocks.3.hook_resid_post"]
+    )
+    assert cfg.tokens == QUICK["tokens"] and cfg.batch_size == QUICK["batch_size"]
+    assert (cfg.d_sae, cfg.k, cfg.lr) == (512, 8, 0.001)
+    assert cfg.hook_name == "blocks.3.hook_resid_post"
+    assert config_from_args(["--no-progress", "--capture-tokens", "none"]).progress is False
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"d_sea": 3}))
+    with pytest.raises(ValueError, match="d_sea"):
+        config_from_args(["--config", str(bad)])
