@@ -122,6 +122,8 @@ class Inoculation(C.Settings):
             raise ValueError(f"{', '.join(sizes)} must be >= 2")
         if min(self.gen_tokens, self.eval_tokens, self.n_train, self.epochs, self.lora_r) < 1:
             raise ValueError("token counts, --n-train, --epochs and --lora-r must be >= 1")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct, got {self.seeds}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
 
@@ -510,6 +512,7 @@ def _run(s: Inoculation, report: C.Report, out: Path) -> None:
     for seed in s.seeds:
         run, data, r = Seed(model, layers, kw, s, seed), split(problems, s, seed), {}
         r |= {f"{k}_ids": [x["id"] for x in data[k]] for k in ("select", "calib")}
+        report["per_seed"][str(seed)] = r  # filled in step by step; saved after each step
         with report.step(f"direction_seed{seed}"):
             direction, r["direction"] = step_direction(run, sp, data)
             direction.save(out / f"trait_direction_seed{seed}.safetensors")
@@ -519,7 +522,6 @@ def _run(s: Inoculation, report: C.Report, out: Path) -> None:
         if s.train:
             with report.step(f"training_seed{seed}"):
                 r["training"] = step_training(run, r["alignment"]["prompts"], data)
-        report["per_seed"][str(seed)] = r
     heads = [headline(r) for r in report["per_seed"].values()]
     report["across_seeds"] = {k: spread([h[k] for h in heads]) for k in heads[0]}
     report["verdict"] = overall(report["per_seed"])

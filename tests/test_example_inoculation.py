@@ -224,5 +224,7 @@ def test_verdict_is_uninformative_where_the_checks_fail(study):
 def test_invalid_settings_raise(study, tmp_path):
     with pytest.raises(ValueError, match="n-random"):
         study.main(["--model", "tiny:qwen2", "--n-random", "10", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="distinct"):
+        study.main(["--model", "tiny:qwen2", "--seeds", "1", "1", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="alpha"):
         study.main(["--model", "tiny:qwen2", "--alpha", "1.5", "--out", str(tmp_path)])
