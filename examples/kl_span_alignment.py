@@ -289,9 +289,11 @@ def compare(base, tuned, scorers, s: Settings, seed: int, m: int) -> dict[str, A
             except ValueError:  # e.g. no parsed answer: undefined
                 e[who] = None
                 continue
-            if is_ratio and spec[0] in COUNTS:
+            if is_ratio:  # n: the denominator (sentences, parsed answers, paired items)
                 k, n = (int(x.sum()) for x in c)
-                e[who] |= {"k": k, "n": n, "wilson": stats.wilson_interval(k, n)[1:]}
+                e[who]["n"] = n
+            if is_ratio and spec[0] in COUNTS:
+                e[who] |= {"k": k, "wilson": stats.wilson_interval(k, n)[1:]}
             else:
                 iv = stats.paired_bootstrap_ci(one, *c, n_boot=s.n_boot, seed=seed)
                 e[who]["interval"] = [iv.low, iv.high] if iv.high > iv.low else None
@@ -400,7 +402,7 @@ def plots(per_seed: dict[int, dict[str, Any]], s: Settings, m: int) -> dict[str,
         made["differences"] = viz.bars_with_interval(
             list(d), est, [lo for lo, _ in ivs], [hi for _, hi in ivs], out / "differences.png",
             xlabel="tuned - base (no whisker: degenerate)",
-            title=f"Held-out, seed {seed}: Bonferroni-simultaneous intervals (m={m})")  # fmt: skip
+            title=f"Held-out, seed {seed}: Bonferroni intervals, m={m}")  # fmt: skip
     losses = {f"seed {k}": r["training"]["losses"] for k, r in per_seed.items()
               if "losses" in r["training"]}  # fmt: skip
     if losses:

@@ -307,6 +307,7 @@ def test_the_judge_comparison_pairs_items_scored_in_both_runs(kls, items):
     assert out["base"]["estimate"] == pytest.approx((0.3 + 0.5) / 2)
     assert out["tuned"]["estimate"] == pytest.approx((0.1 + 0.7) / 2)
     assert out["difference"]["estimate"] == pytest.approx(0.4 - 0.4)
+    assert out["base"]["n"] == out["tuned"]["n"] == 2  # the paired items
 
 
 def test_split_holds_out_whole_templates(items):
