@@ -280,6 +280,7 @@ def run_pipeline(
 
     started = time.perf_counter()
     cpu_started = time.process_time()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, cfg)
@@ -425,7 +426,8 @@ def run_pipeline(
             "stages": clock.stages,
             "wall_s": round(time.perf_counter() - started, 3),
             "cpu_s": round(time.process_time() - cpu_started, 3),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "load_average_start": load_start,
+            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
         },
