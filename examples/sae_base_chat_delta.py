@@ -63,11 +63,13 @@ METHODS = {  # what each number of report.json is compared against, its interval
     "the clusters (kind labels shuffled over features: corrected for picking the largest)",
     "causal": "Δ mean NLL per sentence (chat model) when the tested features' share of each "
     "sentence's pooled vector is removed from its tokens (interp.sae.pooled_splice); control: "
-    "random feature sets from the tested features' firing-rate bins; contrast = cultural − "
-    "control mean of (tested − matched-random mean) Δ NLL with a percentile bootstrap over "
-    "sentences; sentence-label permutation test and rank of the tested set among the random "
-    "sets, each Holm-adjusted over the tested layers; 'supported' needs both p < 0.05 and the "
-    "interval above 0; 'uninformative' if an ablation changed nothing or too few random sets "
+    "random feature sets from the tested features' firing-rate bins; specificity SI = (mean Δ "
+    "cultural − mean Δ control) / (|mean Δ cultural| + |mean Δ control|) per set; contrast = "
+    "SI(tested) − mean SI(random), percentile bootstrap over sentences; one-sided "
+    "sentence-label permutation test of the contrast and rank of SI(tested) among the random "
+    "sets, each Holm-adjusted over the tested layers; 'supported' (the tested features are "
+    "cultural-specific beyond matched random ones) needs both p < 0.05, the interval above 0 "
+    "and SI(tested) > 0; 'uninformative' if an ablation changed nothing or too few random sets "
     "for the rank test to reach 0.05 after Holm (n_layers / (n_random + 1) >= 0.05)",
 }
 LABEL_PROMPT = (
@@ -258,9 +260,17 @@ def cluster(codes: dict, emb: Tensor, s: Settings) -> dict[str, Any]:
 
 
 # ---- causal check ---------------------------------------------------------------------------
+def specificity(cult: Tensor, ctrl: Tensor) -> Tensor:
+    """Scale-free cultural specificity of ablation effects, per column (feature set):
+    (mean Δ cultural − mean Δ control) / (|mean Δ cultural| + |mean Δ control|), in [−1, 1]
+    (a larger raw difference from a more destructive set does not count as more specific)."""
+    a, b = cult.mean(0), ctrl.mean(0)
+    return (a - b) / (a.abs() + b.abs()).clamp_min(1e-12)
+
+
 def causal_layer(model, texts, cult, ctrl, clean, sae, scale, rate, tested, s, rng, layer):
-    """Δ NLL when the pooled-vector share of ``tested`` is removed (``pooled_splice``),
-    against ``n_random`` sets of latents from the same firing-rate bins."""
+    """Δ NLL when the pooled-vector share of ``tested`` is removed (``pooled_splice``), against
+    ``n_random`` sets of latents from the same firing-rate bins; column 0 of ``e`` is tested."""
     specials = special_ids(model.tokenizer)
 
     def dnll(feats: list[int]) -> Tensor:
@@ -268,25 +278,31 @@ def causal_layer(model, texts, cult, ctrl, clean, sae, scale, rate, tested, s, r
         with model.hooks(fwd=[(HOOK.format(layer), fn)]):
             return score(model, texts, batch_size=s.batch_size, progress=False).nll - clean
 
-    spec = lambda a, b: float(a.mean() - b.mean())  # noqa: E731  (cultural − control)
     sets = [
         matched_features(rate, tested, n_bins=s.n_bins, generator=rng) for _ in range(s.n_random)
     ]
-    e_top = dnll(tested)
-    e_rnd = torch.stack([dnll(f) for f in C.progress(sets, f"matched random sets, layer {layer}")])
-    c = e_top - e_rnd.mean(0)  # per sentence: tested minus the matched-random mean
-    s_top, s_rnd = spec(e_top[cult], e_top[ctrl]), [spec(e[cult], e[ctrl]) for e in e_rnd]
-    perm = stats.permutation_test(c[cult], c[ctrl], n_perm=s.n_perm, seed=s.seed)
+    e = torch.stack([dnll(f) for f in C.progress([tested, *sets], f"ablations, layer {layer}")], 1)
+    si = specificity(e[cult], e[ctrl])  # [1 + n_random]
+
+    def contrast(x: Tensor, y: Tensor) -> float:  # sentence indices → SI(tested) − mean SI(random)
+        v = specificity(e[x.long()], e[y.long()])
+        return float(v[0] - v[1:].mean())
+
+    i, j = torch.tensor(cult).double(), torch.tensor(ctrl).double()
+    perm = stats.permutation_test(
+        i, j, statistic=contrast, n_perm=s.n_perm, alternative="greater", seed=s.seed
+    )
     return {
         "tested": tested, "firing_rate_tested": float(rate[tested].mean()),
         "firing_rate_random": [float(rate[f].mean()) for f in sets],
-        "dnll_tested": {"cultural": float(e_top[cult].mean()), "control": float(e_top[ctrl].mean())},
-        "dnll_random": {"cultural": float(e_rnd[:, cult].mean()), "control": float(e_rnd[:, ctrl].mean())},
-        "specificity_tested": s_top, "specificity_random": s_rnd,
-        "contrast": stats.bootstrap_ci(spec, c[cult], c[ctrl], n_boot=s.n_boot, seed=s.seed).as_dict(),
+        "dnll_tested": {"cultural": float(e[cult, 0].mean()), "control": float(e[ctrl, 0].mean())},
+        "dnll_random": {"cultural": float(e[cult, 1:].mean()), "control": float(e[ctrl, 1:].mean())},
+        "specificity_tested": float(si[0]), "specificity_random": si[1:].tolist(),
+        "contrast": stats.bootstrap_ci(contrast, i, j, n_boot=s.n_boot, seed=s.seed).as_dict(),
         "p_sentence_permutation": perm.p_value,
-        "p_rank_among_random": (1 + sum(x >= s_top for x in s_rnd)) / (1 + len(s_rnd)),
-        "ablation_changed_nll": min(float(e_top.abs().max()), float(e_rnd.abs().max())) > NO_EFFECT,
+        "p_rank_among_random": (1 + int((si[1:] >= si[0]).sum())) / (1 + s.n_random),
+        "ablation_changed_nll": bool(e.abs().amax(0).min() > NO_EFFECT),
+        "dnll_per_sentence": e.T.tolist(),  # row 0 tested, then the random sets
     }  # fmt: skip
 
 
@@ -414,7 +430,7 @@ def study(s: Settings, report: C.Report) -> None:
                 r[key + "_holm"] = p
         for r in causal.values():  # a claim needs both Holm-adjusted tests and the interval > 0
             ok = max(r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]) < 0.05
-            ok = ok and r["contrast"]["low"] > 0
+            ok = ok and r["contrast"]["low"] > 0 and r["specificity_tested"] > 0
             reachable = len(causal) / (s.n_random + 1) < 0.05  # the rank test's smallest Holm p
             informative = r["ablation_changed_nll"] and reachable
             r["verdict"] = (
@@ -423,7 +439,7 @@ def study(s: Settings, report: C.Report) -> None:
         report["causal"] = causal
         interval_bars([f"layer {ly}" for ly in causal], [r["contrast"] for r in causal.values()],
                       out / "causal_effect.png", title="cultural specificity: tested − matched random",
-                      xlabel="Δ NLL contrast (nats), bootstrap 95% CI")  # fmt: skip
+                      xlabel="SI(tested) − mean SI(matched random), bootstrap 95% CI")  # fmt: skip
     del model
     release()
 

@@ -127,3 +127,13 @@ def test_data_without_cultural_rows_is_a_clear_error(study, tmp_path):
     s = study.Settings.parse([*SMALL[5:9], "--data", str(data)], NAME)  # cultural = 'cultural'
     with pytest.raises(ValueError, match="'cultural' rows"):
         study.read_sets(s)
+
+
+def test_specificity_is_scale_free(study):
+    """A set that hurts everything 5x more is not more cultural-specific; the raw
+    cultural − control difference (the old statistic) would rank it far above."""
+    cult = torch.tensor([[0.1, 0.5], [0.3, 1.5]])  # sentences x feature sets
+    ctrl = torch.tensor([[0.4, 2.0], [0.6, 3.0]])
+    si = study.specificity(cult, ctrl)
+    assert si[0] == pytest.approx(si[1]) and si[0] == pytest.approx((0.2 - 0.5) / 0.7)
+    assert study.specificity(ctrl, cult)[0] == pytest.approx(-si[0])
