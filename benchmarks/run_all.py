@@ -33,6 +33,7 @@ SUITES = [
     "sae_throughput",
     "workbench",
     "patching",
+    "data_parallel",
 ]
 QUICK = {"sae_throughput": ["--steps", "5", "--warmup", "1"]}
 
@@ -177,6 +178,16 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
             add("patching", size, "attribution / activation patching (interp)", _ci(r), load=load)
         for what, rho in d.get("spearman", {}).items():
             add("patching", size, f"Spearman {what}", f"{rho:.3f}", load=load)
+    if d := read("data_parallel"):
+        load, procs = _load(d.get("machine")), d.get("procs")
+        for what, r in d.get("results", {}).items():
+            add(
+                "data_parallel",
+                f"{procs} processes × 1 thread vs 1 × {procs}",
+                f"{what}: {r['unit']}/s, torchrun / one process",
+                f"{r['speedup']:.2f}× ({r['speedup_min']:.2f}–{r['speedup_max']:.2f})",
+                load=load,
+            )
     return rows
 
 

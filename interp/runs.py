@@ -1227,7 +1227,9 @@ def capture_dataset(
             (window ``w`` to rank ``w % world_size``); every rank reads the whole input in
             the same order, so ``example`` indices are global. Default: the
             ``torch.distributed`` process group when one is initialised (``torchrun``),
-            else one process. With ``to=``, the ranks write their shards into the one
+            else one process; ``rank=0, world_size=1`` inside a group captures locally.
+            Ranks without a window idle: keep ``length_window`` × ``batch_size`` × ranks
+            well below the number of inputs. With ``to=``, the ranks write their shards into the one
             folder and, once all are there, ``meta.json`` lists them all: every rank gets
             the whole dataset back (with a process group, after a barrier; with explicit
             ``rank``/``world_size`` and no group, the rank that finds every shard present
@@ -1353,11 +1355,9 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    if group and (rank, world_size) != (dist.get_rank(), dist.get_world_size()):
-        raise ValueError(
-            f"rank={rank}, world_size={world_size} disagree with the initialised process "
-            f"group (rank {dist.get_rank()} of {dist.get_world_size()})"
-        )
+    # Explicit values win (e.g. a rank's own local capture inside a torchrun job); the
+    # group's barrier is used only when they are the group's.
+    group = group and (rank, world_size) == (dist.get_rank(), dist.get_world_size())
     return rank, world_size, group and world_size > 1
 
 

@@ -159,3 +159,19 @@ def test_workbench(tmp_path, one_thread):
             assert r["tokens"] > 0
     rows = suite("run_all").summary_rows(tmp_path)
     assert any(r[0] == "workbench" and r[4] for r in rows)
+
+
+def test_data_parallel(tmp_path):
+    """torchrun launches of both workloads on a tiny model (one round)."""
+    if not (Path(sys.executable).parent / "torchrun").exists():
+        pytest.skip("torchrun not installed")
+    out = tmp_path / "dp.json"
+    suite("data_parallel").main(
+        ["--quick", "--model", "tiny:llama", "--d-in", "64", "--d-sae", "128", "--k", "4",
+         "--sae-batch", "64", "--out", str(out)]
+    )  # fmt: skip
+    payload = check_json(out, "data_parallel")
+    for workload in ("capture", "sae"):
+        r = payload["results"][workload]
+        assert r["amount"] > 0 and len(r["one_process_s"]) == len(r["data_parallel_s"]) == 1
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
