@@ -40,7 +40,7 @@ def _sae(model, seed=0) -> StandardSAE:
     return sae
 
 
-def _per_text_reference(model, sae, texts, exclude_special=True):
+def _per_text_reference(model, sae, texts, exclude_special=True, exclude_first=0):
     """Each text alone (no padding): token-summed losses of clean/spliced/zero runs."""
     specials = torch.tensor(special_ids(model.tokenizer))
     sums, n = torch.zeros(3, dtype=torch.float64), 0
@@ -48,7 +48,9 @@ def _per_text_reference(model, sae, texts, exclude_special=True):
         batch = model.tokenize([text])
         ids = batch.input_ids
         special = torch.isin(ids, specials) if exclude_special else torch.zeros_like(ids).bool()
-        counted = ~special
+        pos = torch.arange(ids.shape[1])
+        counted = ~special & (pos >= exclude_first)
+        target = ~special[0, 1:] & (pos[1:] > exclude_first)
 
         def spliced(a, hook=None, counted=counted):
             out = a.clone()
@@ -64,8 +66,8 @@ def _per_text_reference(model, sae, texts, exclude_special=True):
             with torch.no_grad():
                 logits = model.run_with_hooks(batch, fwd_hooks=hooks)
             lp = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
-            sums[i] += lp[~special[0, 1:]].double().sum()
-        n += int((~special[0, 1:]).sum())
+            sums[i] += lp[target].double().sum()
+        n += int(target.sum())
     clean, spl, zero_ = (sums / n).tolist()
     return clean, spl, zero_, (zero_ - spl) / (zero_ - clean)
 
@@ -102,6 +104,19 @@ def test_special_tokens_can_be_kept(model):
     assert report.ce_clean == pytest.approx(clean, abs=1e-5)
     kept = evaluate_on_model(model, sae, TEXTS, HOOK, top_n=0)
     assert report.n_tokens == kept.n_tokens + 1  # the one <|endoftext|>
+
+
+def test_exclude_first_leaves_the_first_tokens_out(model):
+    sae = _sae(model)
+    report = evaluate_on_model(model, sae, TEXTS, HOOK, exclude_first=2, top_n=2)
+    clean, spl, zero, rec = _per_text_reference(model, sae, TEXTS, exclude_first=2)
+    assert (report.ce_clean, report.ce_spliced, report.ce_zero) == pytest.approx(
+        (clean, spl, zero), abs=1e-5
+    )
+    assert report.ce_loss_recovered == pytest.approx(rec, abs=1e-5)
+    every = evaluate_on_model(model, sae, TEXTS, HOOK, top_n=0)
+    assert report.n_tokens == every.n_tokens - 2 * len(TEXTS)  # every text has ≥ 2 tokens
+    assert all(e.position >= 2 for v in report.top_examples.values() for e in v)
 
 
 def test_reconstruction_metrics_match_evaluate_on_the_same_rows(model):

@@ -126,6 +126,15 @@ def test_export_loads_in_sae_lens_and_interp(model, full):
     assert {"activation", "text_index", "position", "token", "context"} <= set(some[0])
 
 
+def test_exclude_first_drops_each_texts_first_rows(tmp_path, model, data, full):
+    cut = run_pipeline(_cfg(tmp_path / "run", data, tokens=128, exclude_first=1), model=model)
+    # the same texts (their budget counts the kept tokens, so it may take one or two more)
+    n = cut["data"]["train_texts"]
+    assert n >= full["data"]["train_texts"]
+    assert cut["data"]["activation_rows"] == cut["data"]["train_tokens_available"]
+    assert cut["eval"]["n_tokens"] == full["eval"]["n_tokens"] - 8  # 8 held-out texts
+
+
 def test_changed_settings_in_the_same_folder_raise(tmp_path, model, data):
     run_pipeline(_cfg(tmp_path / "run", data, tokens=128 * 2), model=model)
     with pytest.raises(ValueError, match=r"k: 4 → 8"):

@@ -5,7 +5,8 @@ padded batches, three forward passes each:
 
 1. **clean**: the activation at ``hook_name`` is read; its *counted* tokens (real tokens,
    and not special tokens such as BOS, EOS, pad and chat markers unless
-   ``exclude_special=False``: the rows ``ActivationStore``/``capture_dataset`` train on)
+   ``exclude_special=False``: the rows ``ActivationStore``/``capture_dataset`` train on;
+   optionally not each text's first ``exclude_first`` tokens)
    are encoded and decoded by the SAE, giving L0, FVU, MSE, firing rates and the top
    activations;
 2. **spliced**: the counted tokens' activations are replaced by their reconstructions
@@ -186,6 +187,7 @@ def evaluate_on_model(
     batch_size: int = 8,
     max_length: int | None = 512,
     exclude_special: bool = True,
+    exclude_first: int = 0,
     dead_threshold: float = 0.0,
     dense_threshold: float = 0.1,
     top_n: int = 10,
@@ -203,6 +205,11 @@ def evaluate_on_model(
         max_length: truncate texts to this many tokens (None: no truncation).
         exclude_special: leave special tokens out of the SAE rows, the splice and the
             loss targets (as ``ActivationStore`` leaves them out of training rows).
+        exclude_first: leave each text's first ``n`` real tokens out of the SAE rows and
+            the splice, and the targets they alone predict (own positions ≤ n) out of the
+            losses. On models whose tokenizer adds no BOS the first token is the attention
+            sink, with a norm ~100× the others' (SmolLM2: ~24,000 vs ~176 at layer 15),
+            and it dominates FVU; ``1`` leaves it out.
         dead_threshold / dense_threshold: firing-rate thresholds (fractions of tokens).
         top_n: top-activating examples kept per latent (0: none).
         context: tokens of context either side of an example's token.
@@ -212,6 +219,8 @@ def evaluate_on_model(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if top_n < 0 or context < 0:
         raise ValueError(f"top_n and context must be ≥ 0, got {top_n}, {context}")
+    if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
+        raise ValueError(f"exclude_first must be an int ≥ 0, got {exclude_first!r}")
     _check_threshold("dead_threshold", dead_threshold)
     _check_threshold("dense_threshold", dense_threshold)
     if "*" in hook_name or "?" in hook_name:
@@ -272,9 +281,10 @@ def evaluate_on_model(
             ids, attn = enc["input_ids"], enc["attention_mask"].bool()
             batch = Batch(ids, enc["attention_mask"]).to(model.device)
             special = torch.isin(ids, specials) if exclude_special else torch.zeros_like(attn)
-            counted = attn & ~special
-            loss_mask = attn[:, 1:] & attn[:, :-1] & ~special[:, 1:]
             own_pos = attn.long().cumsum(1) - 1
+            counted = attn & ~special & (own_pos >= exclude_first)
+            loss_mask = attn[:, 1:] & attn[:, :-1] & ~special[:, 1:]
+            loss_mask &= own_pos[:, 1:] > exclude_first
             for r in range(len(chunk)):
                 text_ids.append(ids[r][attn[r]].tolist())
 

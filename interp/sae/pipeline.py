@@ -64,6 +64,9 @@ class PipelineConfig:
     (default ``tokens``) how many dataset tokens are cached; with fewer cached rows than
     training tokens the trainer makes several passes. ``lr`` None: ``default_lr(d_sae)``.
     ``dead_tokens``: a latent not fired for that many training tokens gets the AuxK loss.
+    ``exclude_first``: leave each text's first n tokens out of training rows and
+    evaluation (1 drops the attention-sink first token of models without BOS, see
+    ``evaluate_on_model``).
     """
 
     out: str = "sae_run"
@@ -75,6 +78,7 @@ class PipelineConfig:
     capture_tokens: int | None = None
     eval_texts: int = 64
     max_length: int = 256
+    exclude_first: int = 0
     d_sae: int = 4608
     k: int = 32
     batch_size: int = 4096
@@ -115,6 +119,8 @@ class PipelineConfig:
             bad(f"capture_tokens must be a positive int or None, got {self.capture_tokens}")
         if self.warmup_steps < 0:
             bad(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if isinstance(self.exclude_first, bool) or self.exclude_first < 0:
+            bad(f"exclude_first must be an int ≥ 0, got {self.exclude_first!r}")
         if self.k > self.d_sae:
             bad(f"k={self.k} must be ≤ d_sae={self.d_sae}")
         if self.tokens < self.batch_size:
@@ -179,7 +185,11 @@ def _check_settings(out: Path, cfg: PipelineConfig) -> None:
     path = out / "config.json"
     settings = cfg.result_settings()
     if path.exists():
-        saved = json.loads(path.read_text())
+        # a setting missing from an older config.json had its default then
+        defaults = {
+            f.name: f.default for f in fields(PipelineConfig) if f.name not in _RUNTIME_FIELDS
+        }
+        saved = {**defaults, **json.loads(path.read_text())}
         differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if differ:
             detail = ", ".join(f"{k}: {saved.get(k)!r} → {settings.get(k)!r}" for k in differ)
@@ -218,7 +228,7 @@ def _encode(model: Any, texts: list[str], max_length: int) -> dict[str, Tensor]:
 
 
 def _select_train_texts(
-    model: Any, pool: list[str], budget: int, max_length: int
+    model: Any, pool: list[str], budget: int, max_length: int, exclude_first: int
 ) -> tuple[list[str], int]:
     """Texts from the start of ``pool`` until they hold ``budget`` counted tokens."""
     from interp.runs import special_ids
@@ -228,7 +238,9 @@ def _select_train_texts(
     for start in range(0, len(pool), 256):
         chunk = pool[start : start + 256]
         enc = _encode(model, chunk, max_length)
-        counted = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], specials)
+        attn = enc["attention_mask"].bool()
+        counted = attn & ~torch.isin(enc["input_ids"], specials)
+        counted &= attn.long().cumsum(1) > exclude_first
         for text, n in zip(chunk, counted.sum(1).tolist(), strict=True):
             if total >= budget:
                 return chosen, total
@@ -301,7 +313,9 @@ def run_pipeline(
     texts = _read_texts(cfg)
     eval_texts, pool = texts[-cfg.eval_texts :], texts[: -cfg.eval_texts]
     budget = cfg.capture_tokens if cfg.capture_tokens is not None else cfg.tokens
-    train_texts, n_counted = _select_train_texts(model, pool, budget, cfg.max_length)
+    train_texts, n_counted = _select_train_texts(
+        model, pool, budget, cfg.max_length, cfg.exclude_first
+    )
 
     # ---- cache ----
     act_dir = out / "activations"
@@ -311,11 +325,14 @@ def run_pipeline(
         from interp.positions import Batch
 
         enc = _encode(model, train_texts, cfg.max_length)
-        batch = Batch(enc["input_ids"], enc["attention_mask"]).to(model.device)
+        attn = enc["attention_mask"].bool()
+        rows = attn & (attn.long().cumsum(1) > cfg.exclude_first)
+        batch = Batch(enc["input_ids"], enc["attention_mask"], masks={"sae_rows": rows})
         return capture_dataset(
             model,
-            batch,
+            batch.to(model.device),
             [cfg.hook_name],
+            positions="sae_rows",
             batch_size=cfg.text_batch_size,
             to=act_dir,
             progress=cfg.progress,
@@ -381,6 +398,7 @@ def run_pipeline(
                 cfg.hook_name,
                 batch_size=cfg.text_batch_size,
                 max_length=cfg.max_length,
+                exclude_first=cfg.exclude_first,
                 dead_threshold=cfg.dead_threshold,
                 dense_threshold=cfg.dense_threshold,
                 top_n=cfg.top_n,
