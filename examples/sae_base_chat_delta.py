@@ -122,8 +122,16 @@ class Settings(C.Settings):
                  and getattr(self, f.name) < (2 if f.name == "n_per_set" else 1)]  # fmt: skip
         if small:
             raise ValueError(
-                f"{', '.join(map(self.flag, small))}: too small (>= 1; --n-per-set >= 2)"
+                f"{', '.join(map(self.flag, small))}: too small (>= 1; n-per-set >= 2)"
             )
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        idle = {"lora_epochs": self.chat_model, "lora_lr": self.chat_model, "lora_r": self.chat_model,
+                "label_tokens": self.label_model is None, "model": self.base_model}  # fmt: skip
+        unused = [n for n, off in idle.items()
+                  if off and getattr(self, n) not in (default[n], self.QUICK.get(n))]  # fmt: skip
+        if unused:  # no flag is silently ignored
+            raise ValueError(f"{', '.join(map(self.flag, unused))}: unused with the given "
+                             "--chat-model / --label-model / --base-model")  # fmt: skip
         if not 0 <= self.heldout_frac < 1 or self.sae_mult <= 0:
             raise ValueError("--heldout-frac must be in [0, 1) and --sae-mult > 0")
 

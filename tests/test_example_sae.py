@@ -112,6 +112,9 @@ def test_feature_tests_are_paired(study):
         (["--k", "0"], "--k"),
         (["--n-per-set", "1"], "--n-per-set"),
         (["--heldout-frac", "1.0"], "heldout"),
+        (["--chat-model", "m", "--lora-r", "4"], "--lora-r"),  # no flag silently ignored
+        (["--label-tokens", "5"], "--label-tokens"),
+        (["--base-model", "a", "--model", "b"], "--model"),
     ],
 )
 def test_bad_settings_raise(study, argv, match):
