@@ -4,6 +4,11 @@ interruption equals the uninterrupted run, export loads in sae_lens, settings ch
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -159,3 +164,44 @@ def test_command_line_precedence(tmp_path):
     bad.write_text(json.dumps({"d_sea": 3}))
     with pytest.raises(ValueError, match="d_sea"):
         config_from_args(["--config", str(bad)])
+
+
+SCRIPT = """
+import json, sys
+import torch.distributed as dist
+import interp
+from interp.sae.pipeline import PipelineConfig, run_pipeline
+
+dist.init_process_group("gloo")
+report = run_pipeline(PipelineConfig(**json.loads(sys.argv[1])), model=interp.tiny("llama", seed=0))
+print("RESULT", dist.get_rank(), report["train"]["steps"], report["timing"]["processes"])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed",
+)
+def test_torchrun_two_processes_train_the_one_process_sae(tmp_path, data, full):
+    script = tmp_path / "pipe.py"
+    script.write_text(SCRIPT)
+    cfg = asdict(_cfg(tmp_path / "ddp", data))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), json.dumps(cfg)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(line.split()[1:] for line in proc.stdout.splitlines() if "RESULT" in line)
+    assert results == [["0", "10", "2"], ["1", "10", "2"]]
+    a = load_file(str(Path(full["settings"]["out"]) / "sae" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "sae" / "sae_weights.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5)
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert ddp["data"] == full["data"]
+    assert ddp["eval"]["ce_loss_recovered"] == pytest.approx(
+        full["eval"]["ce_loss_recovered"], abs=1e-4
+    )

@@ -21,6 +21,12 @@ model (``interp.load``; the embedded SmolLM2-135M by default):
 6. **report**: ``out/report.json`` with settings, data sizes, training summary, metrics
    and each stage's wall and CPU seconds.
 
+Data parallel: under ``torchrun --nproc_per_node N -m interp.sae ...`` (gloo on CPU, nccl
+with one GPU per process) ``capture_dataset`` deals the text batches out over the ranks
+into the one shard folder, every rank draws the same global batches from it and trains on
+its 1/N slice (``train_sae`` sums gradients: the result is one-process training's), and
+rank 0 exports, evaluates and writes the report.
+
 Rerunning the same command resumes: every stage whose output is complete is skipped and
 training continues from its last checkpoint, replaying the same batches, so an
 interrupted run ends with the same SAE and metrics as an uninterrupted one.
@@ -36,7 +42,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +300,17 @@ def run_pipeline(
     cpu_started = time.process_time()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, cfg)
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must divide evenly over the {world} processes"
+        )
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_settings(out, cfg)
+    _barrier(world)
+    if rank != 0:
+        _check_settings(out, cfg)
     clock = _Clock()
 
     if model is None:
@@ -370,9 +385,14 @@ def run_pipeline(
             progress=cfg.progress,
         )
         batches = _ShardBatches(acts, cfg.hook_name, cfg.batch_size, cfg.buffer_rows, cfg.seed)
-        return train_sae(sae, batches, train_cfg, on_step=on_step)
+        # data parallel: every rank draws the same global batches and trains on its slice
+        mine = batches if world == 1 else (b.chunk(world)[rank] for b in batches)
+        return train_sae(sae, mine, train_cfg, on_step=on_step)
 
     result = clock.run("train", train, skipped=trained)
+    if rank != 0:  # rank 0 exports, evaluates and reports
+        _barrier(world)
+        return json.loads((out / "report.json").read_text())
     sae = result.sae
 
     # ---- export ----
@@ -455,8 +475,25 @@ def run_pipeline(
             "device": str(sae.W_enc.device),
         },
     }
+    report["timing"]["processes"] = world
     _write_json(out / "report.json", report)
+    _barrier(world)
     return report
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -533,7 +570,25 @@ def _read_config_file(path: Path) -> Mapping[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
-    report = run_pipeline(cfg)
+    group = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    if group:
+        import torch.distributed as dist
+
+        on_gpu = (cfg.device is None and torch.cuda.is_available()) or str(cfg.device).startswith(
+            "cuda"
+        )
+        if on_gpu:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            cfg = replace(cfg, device=f"cuda:{local}")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    try:
+        report = run_pipeline(cfg)
+    finally:
+        if group:
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     ev = report["eval"]
     print(
         f"{cfg.out}: FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, CE loss recovered "
