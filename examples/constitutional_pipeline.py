@@ -263,11 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def study(s: Settings, report: C.Report) -> None:
     out, boot = Path(s.out), dict(n_boot=s.n_boot, seed=s.seed)
     prompts = load_prompts(s.data or str(DATA / "prompts.jsonl"))
-    principles, by_id, n = (
-        load_principles(s.constitution),
-        {p["id"]: p for p in prompts},
-        len(prompts),
-    )
+    principles, by_id, n = load_principles(s.constitution), {p["id"]: p for p in prompts}, len(prompts)  # fmt: skip
     e = min(s.n_eval, n // 4) / n
     eval_ids, pool_ids, _ = deal(prompts, [e, min(1 - e, (s.n_pool or n) / n), 1], s.seed)
     pool = [by_id[i] for i in pool_ids]
@@ -277,9 +273,7 @@ def study(s: Settings, report: C.Report) -> None:
         gen = C.load(s)
         same = s.critic_model in (None, s.model)
         critic = gen if same else C.load(s, s.critic_model)
-    fmt = {
-        m: "plain" if plain(x) else "chat template" for m, x in (("gen", gen), ("critic", critic))
-    }
+    fmt = {m: "plain" if plain(x) else "chat template" for m, x in (("gen", gen), ("critic", critic))}  # fmt: skip
     report["models"] = dict(generator=s.model, critic=s.critic_model or s.model,
                             critic_is_generator=same, generator_format=fmt["gen"],
                             critic_format=fmt["critic"], n_layers=gen.cfg.n_layers)  # fmt: skip
