@@ -106,6 +106,8 @@ class Settings(C.Settings):
                 raise ValueError(f"{self.flag(f)} must be ≥ 1, got {getattr(self, f)}")
         if min(self.val_frac, self.test_frac) <= 0 or self.val_frac + self.test_frac >= 1:
             raise ValueError("--val-frac and --test-frac must be > 0 and sum to < 1")
+        if len(self.seeds) > 1 or (self.n_pool is not None and self.n_pool < 4):
+            raise ValueError("one seed per run (stages are keyed by it) and --n-pool ≥ 4")
 
 
 # -- data and helpers ----------------------------------------------------------------------------

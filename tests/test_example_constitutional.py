@@ -152,6 +152,9 @@ def test_bad_data_is_refused(cp, tmp_path):
         cp.Settings.parse(["--labels", "nonsense"], "x")
     with pytest.raises(ValueError, match="--val-frac"):
         cp.Settings.parse(["--val-frac", "0.6", "--test-frac", "0.5"], "x")
+    for bad in (["--seeds", "0", "1"], ["--n-pool", "2"]):
+        with pytest.raises(ValueError, match="one seed per run"):
+            cp.Settings.parse(bad, "x")
 
 
 def test_deal_is_a_stratified_partition(cp):
