@@ -205,3 +205,23 @@ def test_torchrun_two_processes_train_the_one_process_sae(tmp_path, data, full):
     assert ddp["eval"]["ce_loss_recovered"] == pytest.approx(
         full["eval"]["ce_loss_recovered"], abs=1e-4
     )
+
+
+def test_main_runs_the_command(tmp_path, model, data, monkeypatch, capsys):
+    from interp.sae import pipeline
+
+    loaded = []
+    monkeypatch.setattr(interp, "load", lambda name, **kw: loaded.append((name, kw)) or model)
+    args = ["--model", "tiny", "--data", str(data), "--column", "body", "--out"]
+    args += [str(tmp_path / "cli"), "--hook", "blocks.1.hook_resid_post", "--tokens", "256"]
+    args += ["--batch", "128", "--d-sae", "32", "--k", "4", "--eval-texts", "4"]
+    args += ["--max-length", "32", "--dtype", "float32", "--no-progress"]
+    assert pipeline.main(args) == 0
+    assert loaded == [("tiny", {"dtype": "float32", "device": None})]
+    printed = capsys.readouterr().out
+    assert "CE loss recovered" in printed and "FVU" in printed
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["train"]["steps"] == 2 and report["settings"]["d_sae"] == 32
+    with pytest.raises(ValueError, match="no dataset"):
+        pipeline.main(["--out", str(tmp_path / "none"), "--no-progress"])
+    assert not (tmp_path / "none").exists()  # nothing written: a corrected rerun starts clean

@@ -300,6 +300,7 @@ def run_pipeline(
     cpu_started = time.process_time()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(cfg.out)
+    texts = _read_texts(cfg)  # first: a bad --data fails before any file or model load
     rank, world = _world()
     if cfg.batch_size % world:
         raise ValueError(
@@ -325,7 +326,6 @@ def run_pipeline(
     if list(resolved) != [cfg.hook_name]:
         raise ValueError(f"hook_name {cfg.hook_name!r} resolves to {resolved}, not one hook")
 
-    texts = _read_texts(cfg)
     eval_texts, pool = texts[-cfg.eval_texts :], texts[: -cfg.eval_texts]
     budget = cfg.capture_tokens if cfg.capture_tokens is not None else cfg.tokens
     train_texts, n_counted = _select_train_texts(
