@@ -32,6 +32,7 @@ from interp.sae.functional import (
     topk_encode_dense,
 )
 from interp.sae.model import SAEOutput, TopKSAE, TopKSAEConfig
+from interp.sae.pipeline import PipelineConfig, run_pipeline
 from interp.sae.pooled import matched_features, pooled_splice
 from interp.sae.saelens import (
     from_saelens,
@@ -60,6 +61,7 @@ __all__ = [
     "EvalMetrics",
     "JumpReLUSAE",
     "ModelEvalReport",
+    "PipelineConfig",
     "SAEOutput",
     "SAETrainConfig",
     "SAETrainResult",
@@ -84,6 +86,7 @@ __all__ = [
     "matched_features",
     "pooled_splice",
     "pre_activations",
+    "run_pipeline",
     "save_saelens",
     "sparse_decode",
     "splice",
