@@ -82,6 +82,7 @@ __all__ = [
     "biased_label",
     "from_record",
     "generate_items",
+    "load",
     "load_templates",
     "messages",
     "official_scores",
@@ -692,6 +693,23 @@ def summary(items: Iterable[BBQItem]) -> dict[str, dict[str, int]]:
         "context_condition": dict(Counter(i.context_condition for i in items)),
         "question_polarity": dict(Counter(i.question_polarity for i in items)),
     }
+
+
+def load(
+    data: str | None, metadata: str | None, *, seed: int = 0
+) -> tuple[list[BBQItem], dict[str, Any]]:
+    """The study's items and where they came from: the official release
+    (:func:`read_official`; ``data`` and ``metadata`` together) or, without either, the
+    items generated from the shipped templates."""
+    if (data is None) != (metadata is None):
+        raise ValueError("official BBQ needs both the data (JSONL) and additional_metadata.csv")
+    if data is None:
+        return generate_items(seed=seed), {"source": "shipped templates (examples/data/bbq)"}
+    release = read_official(data, metadata)
+    if not release.items:
+        raise ValueError(f"{data}: no BBQ item with a target_loc in {metadata}")
+    info = {"source": str(data), "metadata": str(metadata), "n_records": release.n_records}
+    return list(release.items), info | {"n_dropped_no_target": release.n_dropped}
 
 
 # ------------------------------------------------------------------ prompts and splits

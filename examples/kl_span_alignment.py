@@ -119,18 +119,6 @@ class Settings(C.Settings):
 
 
 # ------------------------------------------------------------------ data
-def load_items(s: Settings) -> tuple[list[bbq.BBQItem], dict[str, Any]]:
-    if s.data is None:
-        return bbq.generate_items(seed=s.seed), {"source": "shipped templates (examples/data/bbq)"}
-    release = bbq.read_official(s.data, s.bbq_metadata)
-    if not release.items:
-        raise ValueError(f"{s.data}: no BBQ item with a target_loc in {s.bbq_metadata}")
-    return list(release.items), {
-        "source": s.data, "metadata": s.bbq_metadata, "n_records": release.n_records,
-        "n_dropped_no_target": release.n_dropped,
-    }  # fmt: skip
-
-
 def evaluate(model, items, s: Settings, prefill: str) -> list[dict[str, Any]]:
     """Reasoning and an answer line per item (``AnswerForcing``: linear-time answer forcing
     in one ``generate`` call), analysed: parsed choice, flagged reasoning sentences."""
@@ -415,7 +403,7 @@ def plots(per_seed: dict[int, dict[str, Any]], s: Settings, m: int) -> dict[str,
 def body(s: Settings, report) -> None:
     report["limitations"] = LIMITATIONS
     with report.step("data"):
-        items, report["data"] = load_items(s)
+        items, report["data"] = bbq.load(s.data, s.bbq_metadata, seed=s.seed)
         report["data"] |= {"n_items": len(items), **bbq.summary(items)}
     with report.step("load_model"):
         model = C.load(s)
