@@ -72,9 +72,17 @@ def _per_text_reference(model, sae, texts, exclude_special=True, exclude_first=0
     return clean, spl, zero_, (zero_ - spl) / (zero_ - clean)
 
 
-def test_ce_loss_recovered_ignores_padding_and_special_tokens(model):
+@pytest.fixture(params=["right", "left"])
+def padding_side(request, model):
+    before = model.tokenizer.padding_side
+    model.tokenizer.padding_side = request.param
+    yield request.param
+    model.tokenizer.padding_side = before
+
+
+def test_ce_loss_recovered_ignores_padding_and_special_tokens(model, padding_side):
     sae = _sae(model)
-    batch = model.tokenize(TEXTS)
+    batch = model.tokenize(TEXTS, padding_side=padding_side)
     pad_fraction = 1 - batch.attention_mask.float().mean()
     assert pad_fraction > 0.6  # one padded batch, mostly padding
     report = evaluate_on_model(model, sae, TEXTS, HOOK, batch_size=len(TEXTS), top_n=0)
