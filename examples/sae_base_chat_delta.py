@@ -50,27 +50,19 @@ SHIPPED = ("cultural", "control_english", "control_hindi")
 HOOK = "blocks.{}.hook_resid_post"
 KINDS = ("base", "chat", "delta")
 NO_EFFECT = 1e-6  # nats: an ablation whose largest |Δ NLL| is below this changed nothing
-METHODS = {  # what each number of report.json is compared against, its interval and correction
-    "saes": "TopK SAEs trained on the cultural sentences minus a held-out share; FVU/L0/dead "
-    "fraction on the control sets (validation), the held-out cultural ones and the training rows",
-    "cohens_d": "chat SAE encodes chat and base activations of the same sentences; d = (mean "
-    "chat − mean base) / pooled SD, d_z = mean / SD of the paired differences; paired sign-flip "
-    "test per feature, Benjamini–Hochberg over the layer's features; paired percentile "
-    "bootstrap over sentences for the top features (BH-significant first, then by |d|; "
-    "intervals after selection are optimistic)",
-    "clustering": "k-means over the alive features of the nine SAEs; delta enrichment = delta "
-    "share in a cluster / overall; one-sided permutation test of the largest enrichment over "
-    "the clusters (kind labels shuffled over features: corrected for picking the largest)",
-    "causal": "Δ mean NLL per sentence (chat model) when the tested features' share of each "
-    "sentence's pooled vector is removed from its tokens (interp.sae.pooled_splice); control: "
-    "random feature sets from the tested features' firing-rate bins; specificity SI = (mean Δ "
-    "cultural − mean Δ control) / (|mean Δ cultural| + |mean Δ control|) per set; contrast = "
-    "SI(tested) − mean SI(random), percentile bootstrap over sentences; one-sided "
-    "sentence-label permutation test of the contrast and rank of SI(tested) among the random "
-    "sets, each Holm-adjusted over the tested layers; 'supported' (the tested features are "
-    "cultural-specific beyond matched random ones) needs both p < 0.05, the interval above 0 "
-    "and SI(tested) > 0; 'uninformative' if an ablation changed nothing or too few random sets "
-    "for the rank test to reach 0.05 after Holm (n_layers / (n_random + 1) >= 0.05)",
+METHODS = {  # each number's control, interval and correction (details: the docs page)
+    "saes": "trained on cultural sentences minus a held-out share; validated on the control sets",
+    "cohens_d": "chat SAE on chat and base vectors of the same sentences; d (pooled SD), d_z; "
+    "paired sign-flip test, BH over the layer's features; paired bootstrap interval on d for "
+    "the top features (BH-significant first, then |d|; post-selection, so optimistic)",
+    "clustering": "delta share per cluster / overall; one-sided permutation test (kind labels "
+    "over features) of the largest enrichment, which accounts for picking the largest",
+    "causal": "Δ NLL when the features' share of each pooled vector is removed (pooled_splice); "
+    "control: random sets from the same firing-rate bins; SI = (cultural − control) / "
+    "(|cultural| + |control|); contrast SI(tested) − mean SI(random) with a sentence bootstrap; "
+    "sentence-label permutation and random-set rank tests, Holm over layers; 'supported' needs "
+    "both p < 0.05, the interval > 0 and SI(tested) > 0; 'uninformative' if an ablation did "
+    "nothing or the rank test cannot reach 0.05 (n_layers / (n_random + 1) >= 0.05)",
 }
 LABEL_PROMPT = (
     "These sentences all strongly activate one feature of a sparse autoencoder:\n{}\n"
@@ -138,24 +130,27 @@ class Settings(C.Settings):
 
 # ---- data and models ------------------------------------------------------------------------
 def read_sets(s: Settings) -> tuple[list[str], list[str]]:
-    """Texts and their set names, from ``--data`` (with the column mapping) or shipped."""
+    """Texts and their set names, from ``--data`` (with the column mapping) or shipped;
+    ``--n-per-set`` keeps rows spread evenly over each set (the shipped cultural set lists
+    its English sentences before its Hindi ones)."""
     paths = [Path(s.data)] if s.data else [DATA / f"{n}.jsonl" for n in SHIPPED]
     cols = {"text": s.text_column, "group": s.group_column}
-    texts, groups, seen = [], [], Counter()
+    sets: dict[str, list[str]] = {}
     for i, r in enumerate(r for p in paths for r in load_records(p, cols, keep_unmapped=False)):
-        g, t = str(r["group"]), r["text"]
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"row {i}: column {s.text_column!r} is empty or not text: {t!r}")
-        if s.n_per_set is None or seen[g] < s.n_per_set:
-            seen[g] += 1
-            texts.append(t)
-            groups.append(g)
-    if seen[s.cultural_group] < 4 or len(seen) < 2:
+        if not isinstance(r["text"], str) or not r["text"].strip():
+            raise ValueError(
+                f"row {i}: column {s.text_column!r} is empty or not text: {r['text']!r}"
+            )
+        sets.setdefault(str(r["group"]), []).append(r["text"])
+    if len(sets.get(s.cultural_group, ())) < 4 or len(sets) < 2:
         raise ValueError(
             f"need >= 4 {s.cultural_group!r} rows and at least one control set in column "
-            f"{s.group_column!r}; found {dict(seen)}"
+            f"{s.group_column!r}; found { {g: len(v) for g, v in sets.items()} }"
         )
-    return texts, groups
+    keep = {
+        g: [v[i] for i in C.evenly_spaced(len(v), s.n_per_set or len(v))] for g, v in sets.items()
+    }
+    return [t for v in keep.values() for t in v], [g for g, v in keep.items() for _ in v]
 
 
 def release() -> None:
@@ -213,7 +208,7 @@ def encode(sae: TopKSAE, x: Tensor) -> Tensor:
 def feature_tests(zc: Tensor, zb: Tensor, s: Settings) -> list[dict[str, Any]]:
     """Per feature that varies: Cohen's d (pooled SD), d_z (SD of the paired differences) and a
     paired sign-flip p-value, BH-adjusted over the features; ranked BH-significant first, then
-    by |d| (a feature firing on one sentence under one model has |d| ≈ 1/√n but p = 1)."""
+    by |d| (a feature firing on one sentence under one model has |d| = √(2/n) but p = 1)."""
     diff = zc.double() - zb.double()
     rows = []
     for j in ((zc.std(0) > 0) | (zb.std(0) > 0)).nonzero().flatten().tolist():
@@ -444,6 +439,10 @@ def study(s: Settings, report: C.Report) -> None:
             r["verdict"] = (
                 "supported" if ok else "not supported" if informative else "uninformative"
             )
+        for r in causal.values():  # mean Δ NLL per set: tested, then the random sets' mean
+            e = torch.tensor(r["dnll_per_sentence"])
+            r["dnll_by_set"] = {g: [float(e[0, ix].mean()), float(e[1:, ix].mean())]
+                                for g in dict.fromkeys(groups) for ix in [[i for i, x in enumerate(groups) if x == g]]}  # fmt: skip
         report["causal"] = causal
         interval_bars([f"layer {ly}" for ly in causal], [r["contrast"] for r in causal.values()],
                       out / "causal_effect.png", title="cultural specificity: tested − matched random",

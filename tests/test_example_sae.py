@@ -80,6 +80,7 @@ def test_study_runs_on_a_tiny_bf16_model_with_a_data_file(study, tmp_path):
     assert len(causal["tested"]) == 2 and len(causal["specificity_random"]) == 3
     assert causal["contrast"]["low"] <= causal["contrast"]["high"]
     assert causal["verdict"] == "uninformative"  # 3 random sets cannot reach p < 0.05
+    assert set(causal["dnll_by_set"]) == {"culture", "generic_en", "generic_hi"}
     for name in ("sae_validation.png", "cohens_d.png", "causal_effect.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -140,3 +141,15 @@ def test_specificity_is_scale_free(study):
     si = study.specificity(cult, ctrl)
     assert si[0] == pytest.approx(si[1]) and si[0] == pytest.approx((0.2 - 0.5) / 0.7)
     assert study.specificity(ctrl, cult)[0] == pytest.approx(-si[0])
+
+
+def test_n_per_set_keeps_rows_spread_over_each_set(study, tmp_path):
+    """The shipped cultural set lists English before Hindi: a cap must not keep only the
+    first rows (a language confound between cultural and control sentences)."""
+    data = write_data(tmp_path / "c.jsonl", cultural=9)
+    argv = [*SMALL[5:11], "--data", str(data), "--n-per-set", "3"]
+    texts, groups = study.read_sets(study.Settings.parse(argv, NAME))
+    assert groups.count("culture") == 3 and groups.count("generic_en") == 3
+    assert [t for t, g in zip(texts, groups, strict=True) if g == "culture"] == [
+        f"During festival {i} we light diyas and share sweets number {i}." for i in (0, 4, 8)
+    ]
