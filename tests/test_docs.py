@@ -87,6 +87,21 @@ def test_coming_from_page_snippets_run(page, tmp_path, monkeypatch):
         exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
 
 
+EXAMPLES = sorted((DOCS / "examples").glob("*.md"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", EXAMPLES, ids=lambda p: p.stem)
+def test_example_page_snippets_run(page, tmp_path, monkeypatch):
+    """The worked examples' runnable snippets (on the embedded model) run as written, in order."""
+    blocks = runnable_blocks(page.read_text(encoding="utf-8"))
+    assert blocks, f"{page.name} has no runnable snippet (mark one with {RUN_MARKER})"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for line, code in blocks:
+        exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
+
+
 def test_every_primitive_has_a_page():
     stems = {p.stem for p in PRIMITIVES}
     wanted = {
