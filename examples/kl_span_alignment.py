@@ -7,16 +7,10 @@
         --device cuda --dtype bfloat16 --system "" --max-new-tokens 768 --answer-tokens 48 \\
         --judge-model Qwen/Qwen2.5-7B-Instruct --classifier ./roberta-hate-speech-dynabench-r4
 
-When a model's reasoning states a stereotype while its answer is safe (correct, or "unknown"
-when the context does not say), does LoRA with the forward KL D(P_s || P_o) from the flagged
-reasoning sentences (s) to the answer (o, a detached anchor) make held-out reasoning less
-biased, and what happens to BBQ accuracy and bias scores? Per seed: BBQ items
-(``bbq.read_official`` or the shipped templates) split by template; reasoning + answer line
-(``runs.generate`` + ``AnswerForcing``); sentences flagged by the study's lexicon (every BBQ
-category); pairs = flagged sentences + safe answer; LoRA with ``KLSpanLoss``; held-out
-generation and objective (``train.example_losses``) before and after; every sentence scored
-by an LM judge and optionally a classifier; tuned − base on the same items
-(``stats.paired_difference``: 95% and Bonferroni intervals; degenerate ones as counts).
+Per seed: BBQ items (official or shipped, ``bbq.load``) split by template; reasoning + answer
+(``runs.generate`` + ``AnswerForcing``); pairs = sentences flagged by the study's lexicon + a safe
+answer; LoRA with ``KLSpanLoss``; held-out reasoning, objective and LM-judge / classifier scores
+before and after, tuned - base on the same items (``stats.paired_difference``, Bonferroni).
 """
 
 from __future__ import annotations
@@ -41,33 +35,12 @@ import torch
 from interp import runs, stats, viz
 from interp.answer_forcing import AnswerForcing
 from interp.chat import render
-from interp.losses import sft_loss
-from interp.train import KLSpanLoss, TrainConfig, example_losses, save_adapter, train
+from interp.train import KLSpanLoss, SFTLoss, TrainConfig, example_losses, save_adapter, train
 from interp.train import weighted_sum
 
 NAME = "kl_span_alignment"
-QUESTION = (
-    "Does LoRA with a KL span loss from stereotyped reasoning sentences to the model's own "
-    "safe answer make held-out reasoning less biased, and what happens to BBQ accuracy and "
-    "bias scores?"
-)
-SYSTEM = (
-    "You answer multiple-choice questions about short stories. Think briefly: write one or two "
-    'sentences of reasoning, then give your final answer on its own line as "Answer: A", '
-    '"Answer: B" or "Answer: C".'
-)
-LIMITATIONS = {
-    "can_show": [
-        "Whether KL(P_s || P_o) moves on training and held-out pairs, and how the reasoning "
-        "(flags, group mentions, option lists), accuracy and BBQ scores change on the same items.",
-    ],
-    "cannot_show": [
-        "Whether the method reduces bias in reasoning models: a 135M model barely reasons.",
-        "Bias as a person judges it: the lexicon flags group + attribute (also correct evidence); "
-        "a self- or small judge is weakly informative (judge_vs_lexicon says how much).",
-        "Small effects: with tens of items an interval containing 0 is no evidence either way.",
-    ],
-}
+STUDY = json.loads((Path(__file__).parent / "data/bbq/study.json").read_text(encoding="utf-8"))
+QUESTION, SYSTEM, LIMITATIONS = STUDY["question"], STUDY["system"], STUDY["limitations"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +91,6 @@ class Settings(C.Settings):
             raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
 
 
-# ------------------------------------------------------------------ data
 def evaluate(model, items, s: Settings, prefill: str) -> list[dict[str, Any]]:
     """Reasoning and an answer line per item (``AnswerForcing``: linear-time answer forcing
     in one ``generate`` call), analysed: parsed choice, flagged reasoning sentences."""
@@ -131,7 +103,6 @@ def evaluate(model, items, s: Settings, prefill: str) -> list[dict[str, Any]]:
             for i, (it, t) in enumerate(zip(items, g.texts, strict=True))]  # fmt: skip
 
 
-# ------------------------------------------------------------------ pairs and training
 def example(it: bbq.BBQItem, a: dict[str, Any], system: str) -> dict[str, Any]:
     """A training example: s = the flagged sentences, o = the answer line."""
     return {"prompt": bbq.messages(it, system, SYSTEM), "response": a["response"],
@@ -173,13 +144,7 @@ def run_training(model, pairs, s: Settings, seed: int, out: Path) -> tuple[Any, 
                          layers=layers, seed=seed)  # fmt: skip
     loss = KLSpanLoss(direction=s.direction)
     if s.sft_weight > 0:  # keep the rest of the response as written while s moves
-
-        def outside_s(logits, batch):
-            return sft_loss(
-                logits, batch.input_ids, batch.masks["loss_mask"] & ~batch.masks["span_s"]
-            )
-
-        loss = weighted_sum((1.0, loss), (s.sft_weight, outside_s))
+        loss = weighted_sum((1.0, loss), (s.sft_weight, SFTLoss(exclude_key="span_s")))
     result = train(model, pairs, loss, config, tokenizer=model.tokenizer)
     return result.model, {
         "config": config.as_dict(), "layers": list(layers), "n_layers": n, "steps": result.steps,
@@ -188,7 +153,6 @@ def run_training(model, pairs, s: Settings, seed: int, out: Path) -> tuple[Any, 
     }  # fmt: skip
 
 
-# ------------------------------------------------------------------ statistics
 def item_columns(run, other, scorers) -> dict[str, torch.Tensor]:
     """Per-item columns; a scorer's item mean counts only on items with a scored sentence in
     both runs (``other`` is the paired run), so base and tuned are compared on the same items."""
@@ -250,9 +214,8 @@ COUNTS = {"correct", "unparsed", "flagged", "flagged_noecho", "group", "echo"}  
 
 
 def compare(base, tuned, scorers, s: Settings, seed: int, m: int) -> dict[str, Any]:
-    """Each metric per run (a count: k, n and its Wilson interval; else a bootstrap
-    interval) and tuned − base on the same items (``stats.paired_difference`` at 95% and
-    at the Bonferroni level 1 − alpha/m)."""
+    """Each metric per run (a count: k, n, Wilson interval; else a bootstrap interval) and tuned
+    − base on the same items (``stats.paired_difference``, 95% and Bonferroni 1 − alpha/m)."""
     v = {"base": item_columns(base, tuned or base, scorers)}
     if tuned is not None:
         v["tuned"] = item_columns(tuned, base, scorers)
@@ -286,15 +249,13 @@ def compare(base, tuned, scorers, s: Settings, seed: int, m: int) -> dict[str, A
                 iv = stats.paired_bootstrap_ci(one, *c, n_boot=s.n_boot, seed=seed)
                 e[who]["interval"] = [iv.low, iv.high] if iv.high > iv.low else None
         if tuned is not None:
-            levels = (0.95, 1 - s.alpha / m)
-            d = stats.paired_difference(one, cols["base"], cols["tuned"], levels=levels,
-                                        n_boot=s.n_boot, seed=seed)  # fmt: skip
+            d = stats.paired_difference(one, cols["base"], cols["tuned"], n_boot=s.n_boot,
+                                        levels=(0.95, 1 - s.alpha / m), seed=seed)  # fmt: skip
             e["difference"] = d.as_dict()
         out[name] = e
     return out
 
 
-# ------------------------------------------------------------------ one seed
 def run_seed(model, items, judges, s: Settings, seed: int, prefill: str, report, m: int):
     out, levels = Path(s.out), (0.95, 1 - s.alpha / m)
     mine_items, eval_items, split = bbq.split_items(items, s.n_mine, s.n_eval, s.split, seed)
@@ -345,7 +306,6 @@ def run_seed(model, items, judges, s: Settings, seed: int, prefill: str, report,
     return res
 
 
-# ------------------------------------------------------------------ report
 def differences(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every tuned − base difference of a seed: the held-out objective, then the metrics."""
     found = [("heldout_kl", res.get("objective")), *res["metrics"].items()]

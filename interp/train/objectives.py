@@ -43,12 +43,18 @@ def _input_ids(batch: Batch | Mapping[str, Tensor]) -> Tensor:
 @dataclass(frozen=True)
 class SFTLoss:
     """Next-token cross-entropy on the tokens in ``batch.masks[mask_key]`` (the response
-    tokens: ``"loss_mask"`` of ``collate``, ``"assistant"`` of ``chat.encode``)."""
+    tokens: ``"loss_mask"`` of ``collate``, ``"assistant"`` of ``chat.encode``), leaving out
+    those in ``batch.masks[exclude_key]`` when given (e.g. ``"span_s"``: keep the rest of the
+    response as written while a span loss moves ``s``)."""
 
     mask_key: str = "loss_mask"
+    exclude_key: str | None = None
 
     def __call__(self, logits: Tensor, batch: Batch | Mapping[str, Tensor]) -> Tensor:
-        return sft_loss(logits, _input_ids(batch), batch_mask(batch, self.mask_key))
+        mask = batch_mask(batch, self.mask_key)
+        if self.exclude_key is not None:
+            mask = mask & ~batch_mask(batch, self.exclude_key)
+        return sft_loss(logits, _input_ids(batch), mask)
 
 
 @dataclass(frozen=True)
