@@ -4,18 +4,14 @@
         [--measure selection|mass] [--steer-mode hard|soft|scale] [--strength X]
 
 A controlled adaptation of SteerMoE (Fayyaz et al. 2025, arXiv:2509.09660). Data: grounded QA
-(``document``, ``question``, ``answer``), safety pairs (``request``, ``refusal``,
-``compliance``) and neutral ``text``, shipped in ``examples/data/moe`` or from ``--data DIR``
-(``faithfulness``/``safety``/``neutral`` .jsonl/.csv/.parquet; ``--columns`` maps names); each
-axis is split into a measure and an eval part. Routing (``interp.moe.trace``) on the assistant
-tokens under teacher forcing: the answer after the *same* instruction with vs without the
-document; refusal vs compliance after the same request, length-matched. Risk difference
-(``--measure``: selection frequency or gate mass) with paired bootstrap intervals and a
-sign-flip null of max |Δ|. Steering switches off the top experts of each sign
-(``--steer-mode``: hard / soft logit shift / gate scale), each against ``--n-random`` random
-expert sets in the same layers matched on selection frequency. Metrics on the eval parts via
-``interp.runs.generate`` / ``score``; each steering × metric is tested against the mean of its
-controls (paired sign-flip test), Holm and BH over all of those tests (``interp.stats``).
+(``document``, ``question``, ``answer``), safety pairs (``request``, ``refusal``, ``compliance``)
+and neutral ``text``: shipped in ``examples/data/moe`` or ``--data DIR`` (``--columns`` maps
+names). Routing on the assistant tokens under teacher forcing (``moe.trace_batches``): the answer
+after the same instruction with vs without the document; refusal vs compliance, length-matched.
+Δ with bootstrap intervals and a max-|Δ| sign-flip null (``moe.max_abs_rd_test``); the top experts
+of each sign switched off (``--steer-mode``) against ``--n-random`` frequency-matched random sets
+in the same layers (``moe.frequency_matched_experts``); each steering × metric vs the mean of its
+controls (paired sign-flip test), Holm and BH over all of them.
 """
 
 from __future__ import annotations
@@ -30,13 +26,13 @@ import dataclasses
 import json
 import random
 import re
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 
 from interp import data as idata
 from interp import judges, moe, moefy, runs, stats, viz
-from interp.chat import encode
 
 NAME = "moe_expert_steering"
 QUESTION = ("Which experts' routing tracks document grounding and refusal, and does switching them "
@@ -167,58 +163,6 @@ def faith_chat(row: dict[str, Any], with_doc: bool, answer: bool = True) -> list
     return chat(prompt, row["answer"] if answer else None)
 
 
-# -- routing, experts, controls -----------------------------------------------------------------
-def routing(model: Any, chats: list[Any], batch_size: int) -> moe.RoutingTrace:
-    """Teacher-forced routing on the assistant tokens, in batches."""
-    batches = [encode(model.tokenizer, chats[i : i + batch_size], device=model.device)
-               for i in range(0, len(chats), batch_size)]  # fmt: skip
-    # Only the routing is needed: logits_to_keep=1 skips the vocabulary projection.
-    return moe.concat([moe.trace(model, b, "assistant", logits=False, logits_to_keep=1) for b in batches])  # fmt: skip
-
-
-def max_abs_rd_test(t1: Any, t2: Any, measure: str, n_perm: int, seed: int) -> Any:
-    """Sign-flip null of max |Δ| over all (layer, expert): a sign −1 swaps pair i's conditions."""
-    s1, s2 = (t.counts() if measure == "selection" else t.mass() for t in (t1, t2))
-    n1, n2 = t1.lengths.double(), t2.lengths.double()
-
-    def max_abs(signs: torch.Tensor) -> float:
-        keep = signs > 0
-        k3 = keep[:, None, None]
-        a = torch.where(k3, s1, s2).sum(0) / torch.where(keep, n1, n2).sum()
-        b = torch.where(k3, s2, s1).sum(0) / torch.where(keep, n2, n1).sum()
-        return float((a - b).abs().max())
-
-    ones = torch.ones(t1.n_examples, dtype=torch.float64)  # the statistic reads the signs
-    return stats.sign_flip_test(ones, statistic=max_abs, n_perm=n_perm, alternative="greater", seed=seed)  # fmt: skip
-
-
-def pick_experts(rd: moe.RiskDifference, sign: str, n: int, cap: int) -> list[tuple[int, int]]:
-    """The ``n`` most positive / negative Δ (strictly of that sign), at most ``cap`` per layer."""
-    picked: list[tuple[int, int]] = []
-    for x in rd.rank(sign):
-        if len(picked) == n or (x.rd <= 0 if sign == "positive" else x.rd >= 0):
-            break
-        if sum(layer == x.layer for layer, _ in picked) < cap:
-            picked.append((x.layer, x.expert))
-    return picked
-
-
-def matched_random(chosen: list[tuple[int, int]], freq: torch.Tensor, layers: tuple[int, ...],
-                   excluded: set[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:  # fmt: skip
-    """One random expert per chosen one, in its layer, drawn from the nearer half (in selection
-    frequency ``freq[layer row, expert]``) of the experts outside ``excluded``; falls back to
-    any expert not yet taken when a layer has none left."""
-    out: list[tuple[int, int]] = []
-    for layer, e in chosen:
-        r, E = layers.index(layer), freq.shape[1]
-        free = [c for c in range(E) if (layer, c) not in out]
-        pool = ([c for c in free if (layer, c) not in excluded]
-                or [c for c in free if (layer, c) not in chosen] or free)  # fmt: skip
-        pool.sort(key=lambda c: (abs(float(freq[r, c] - freq[r, e])), c))
-        out.append((layer, rng.choice(pool[: max(1, (len(pool) + 1) // 2)])))
-    return sorted(out)
-
-
 def switched_off(model: Any, experts: list[tuple[int, int]], s: Settings) -> Any:
     if s.steer_mode == "scale":
         return moe.ablate_experts(model, experts, scale=s.strength_value)
@@ -303,7 +247,6 @@ def compare(evals: dict[str, Any], s: Settings) -> dict[str, Any]:
     return out
 
 
-# -- the study ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     s = Settings.parse(argv, NAME, __doc__)
     C.setup(s)
@@ -325,11 +268,9 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
         cap = E - k
         if cap < 1:
             raise ValueError(f"top_k = n_experts = {E}: no expert can be switched off")
-        judge = (
-            judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
-            if s.judge_model
-            else None
-        )
+        judge = None
+        if s.judge_model:
+            judge = judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
         moefied = getattr(model.model.config, "moefy", None) or {}
         report["model"] = {"id": s.model, "family": model.cfg.family, "n_experts": E, "top_k": k,
                            "n_layers": model.cfg.n_layers, "moe_layers": model.cfg.moe_layers,
@@ -351,15 +292,17 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
         report["refusal_matcher_hit_rate"] = {k: sum(map(is_refusal, t)) / len(t) for k, t in texts.items()}  # fmt: skip
 
     traces: dict[str, tuple[Any, Any]] = {}
-    with report.step("routing"):
+    with report.step("routing"):  # teacher-forced; no router logits or vocabulary projection
+        kw = dict(batch_size=s.batch_size, logits=False, logits_to_keep=1)
+        routing = partial(moe.trace_batches, model, **kw)
         fm, sm = d["faith_measure"], d["safety_measure"]
         traces["faithfulness"] = (
-            routing(model, [faith_chat(r, True) for r in fm], s.batch_size),
-            routing(model, [faith_chat(r, False) for r in fm], s.batch_size),
+            routing([faith_chat(r, True) for r in fm]),
+            routing([faith_chat(r, False) for r in fm]),
         )
         traces["safety"] = moe.length_match(
-            routing(model, [chat(r["request"], r["refusal"]) for r in sm], s.batch_size),
-            routing(model, [chat(r["request"], r["compliance"]) for r in sm], s.batch_size),
+            routing([chat(r["request"], r["refusal"]) for r in sm]),
+            routing([chat(r["request"], r["compliance"]) for r in sm]),
         )
 
     rds: dict[str, moe.RiskDifference] = {}
@@ -369,7 +312,7 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
             kw = dict(measure=s.measure, n_boot=s.n_boot, seed=s.seed + i)
             rd = rds[axis] = moe.risk_difference(t1, t2, **kw)
             freq[axis] = (moe.selection_frequency(t1) + moe.selection_frequency(t2)) / 2
-            null = max_abs_rd_test(t1, t2, s.measure, s.n_perm, s.seed + 10 + i)
+            null = moe.max_abs_rd_test(t1, t2, s.measure, s.n_perm, s.seed + 10 + i)
             report.setdefault("risk_difference", {})[axis] = {
                 "conditions": CONDITIONS[axis], "measure": s.measure, "n_tokens": rd.n_tokens,
                 "layers": rd.layers, "rd": rd.rd, "low": rd.low, "high": rd.high,
@@ -386,13 +329,13 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
     chosen, controls = {}, {}
     rng = random.Random(s.seed)
     for name, (axis, sign, _) in STEERINGS.items():
-        chosen[name] = pick_experts(rds[axis], sign, s.n_steer, cap)
+        chosen[name] = moe.top_experts(rds[axis], sign, s.n_steer, cap)
         if not chosen[name]:
             raise ValueError(f"{name}: no expert has a {sign} Δ on {axis}")
         ranked = {(x.layer, x.expert) for x in rds[axis].rank("abs", top=2 * s.n_steer)}
         excluded = ranked | set(chosen[name])
         args = (chosen[name], freq[axis], rds[axis].layers, excluded, rng)
-        controls[name] = [matched_random(*args) for _ in range(s.n_random)]
+        controls[name] = [moe.frequency_matched_experts(*args) for _ in range(s.n_random)]
 
     def mean_freq(axis: str, experts: list[tuple[int, int]]) -> float:
         return float(sum(freq[axis][rds[axis].layers.index(lay), e] for lay, e in experts) / len(experts))  # fmt: skip

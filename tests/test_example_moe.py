@@ -1,12 +1,9 @@
 """examples/moe_expert_steering.py: an end-to-end run on tiny:olmoe in bfloat16 with a --data
-folder written here, and the study's own logic (same instruction in both conditions, the max-|Δ|
-null, frequency-matched controls, steering modes, settings and data errors)."""
+folder written here, and the study's own logic (same instruction in both conditions, steering modes, settings and data errors)."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 
 import pytest
 import torch
@@ -99,55 +96,6 @@ def test_same_instruction_with_and_without_document(study):
     without = study.faith_chat(row, False)[0]["content"]
     assert with_doc == f"Document: {row['document']}\n\n{without}"
     assert study.faith_chat(row, False)[1] == {"role": "assistant", "content": "Venfys"}
-
-
-def _trace(gen, n, tokens, n_layers=2, E=4, k=2):
-    lengths = torch.randint(1, tokens, (n,), generator=gen)
-    T = int(lengths.sum())
-    idx = torch.stack([torch.rand(n_layers, T, E, generator=gen).argsort(-1)[..., :k]]).squeeze(0)
-    weights = torch.rand(n_layers, T, k, generator=gen).half()
-    return moe.RoutingTrace((1, 3), E, idx.to(torch.int8), weights, lengths, torch.zeros(T).long())
-
-
-@pytest.mark.parametrize("measure", ["selection", "mass"])
-def test_max_abs_rd_null(study, measure):
-    gen = torch.Generator().manual_seed(0)
-    t1, t2 = _trace(gen, 8, 6), _trace(gen, 8, 6)
-    test = study.max_abs_rd_test(t1, t2, measure, n_perm=200, seed=0)
-    rd = moe.risk_difference(t1, t2, measure=measure, n_boot=0)
-    assert test.statistic == pytest.approx(float(rd.rd.abs().max()))
-    assert test.null.min() >= 0 and 0 < test.p_value <= 1
-    # Every null value is max |Δ| with some pairs' conditions swapped (all 2^3 patterns).
-    a3, b3 = t1.select([0, 1, 2]), t2.select([0, 1, 2])
-    small = study.max_abs_rd_test(a3, b3, measure, n_perm=100, seed=0)
-    ref = set()
-    for flips in itertools.product([False, True], repeat=3):
-        x = moe.concat([(b3 if f else a3).select([i]) for i, f in enumerate(flips)])
-        y = moe.concat([(a3 if f else b3).select([i]) for i, f in enumerate(flips)])
-        ref.add(
-            round(float(moe.risk_difference(x, y, measure=measure, n_boot=0).rd.abs().max()), 5)
-        )
-    assert {round(float(v), 5) for v in small.null} <= ref and small.null.std() > 0
-    # Swapping the conditions of every pair leaves max |Δ| unchanged.
-    swapped = study.max_abs_rd_test(t2, t1, measure, n_perm=10, seed=0)
-    assert swapped.statistic == pytest.approx(test.statistic)
-
-
-def test_matched_random_controls(study):
-    freq = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.85, 0.15], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
-    chosen = [(3, 0)]
-    excluded = {(3, 0), (3, 1)}
-    seen = set()
-    rng = random.Random(0)
-    for _ in range(50):
-        control = study.matched_random(chosen, freq, (3, 7), excluded, rng)
-        assert len(control) == 1 and control[0][0] == 3 and control[0] not in excluded
-        seen.add(control[0][1])
-    # Candidates 2..5; the nearer half in frequency to expert 0 (0.9) are 4 (0.85) and 2 (0.8).
-    assert seen == {2, 4}
-    # A layer with nothing left outside `excluded` falls back to the other experts.
-    two = study.matched_random([(7, 0), (7, 1)], freq, (3, 7), {(7, e) for e in range(6)}, rng)
-    assert len({e for _, e in two}) == 2 and all(e not in (0, 1) for _, e in two)
 
 
 def test_steering_modes_go_through_interp_moe(study):

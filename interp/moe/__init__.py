@@ -11,12 +11,20 @@
   edit router logits so the family's own rule re-selects the experts.
 * ``ablate_experts(model, [(layer, expert)], scale=0.0)``: scale one expert's
   contribution inside the fused expert tensors, routing untouched.
+* Controls (``interp.moe.controls``): ``trace_batches``, ``max_abs_rd_test`` (sign-flip
+  null of max |Δ|), ``top_experts``, ``frequency_matched_experts`` (random sets).
 
 The selection rules themselves live in ``interp.routing``.
 """
 
 from __future__ import annotations
 
+from interp.moe.controls import (
+    frequency_matched_experts,
+    max_abs_rd_test,
+    top_experts,
+    trace_batches,
+)
 from interp.moe.stats import (
     ExpertScore,
     RiskDifference,
@@ -37,11 +45,15 @@ __all__ = [
     "ablate_experts",
     "concat",
     "expert_interval",
+    "frequency_matched_experts",
     "gate_mass",
     "length_match",
+    "max_abs_rd_test",
     "rank_experts",
     "risk_difference",
     "selection_frequency",
     "steer",
+    "top_experts",
     "trace",
+    "trace_batches",
 ]
