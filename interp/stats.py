@@ -34,6 +34,8 @@ from jaxtyping import Bool, Float, Int, Real
 from torch import Tensor
 
 __all__ = [
+    "ColumnTests",
+    "ControlContrast",
     "Correction",
     "Interval",
     "PairedDifference",
@@ -44,11 +46,14 @@ __all__ = [
     "bootstrap_ci",
     "cluster_bootstrap_ci",
     "cohens_d",
+    "control_contrast",
+    "enrichment_test",
     "holm",
     "paired_bootstrap_ci",
     "paired_difference",
     "permutation_test",
     "rankdata",
+    "sign_flip_columns",
     "sign_flip_test",
     "spearman",
     "wilson_interval",
@@ -666,3 +671,177 @@ def paired_difference(
     return PairedDifference(
         b, a, a - b, {} if degenerate else intervals, degenerate, int(changed.sum()), n
     )
+
+
+@dataclass(frozen=True)
+class ColumnTests:
+    """Sign-flip tests of every column of a matrix (:func:`sign_flip_columns`).
+
+    Attributes:
+        statistic: each column's mean difference, shape ``[m]`` (float64).
+        p_value: ``(1 + n_extreme) / (n_perm + 1)`` per column, shape ``[m]``.
+        n_extreme: per column, the sign flips at least as extreme as the observed mean.
+        n_perm: sign flips drawn (shared by all columns).
+        resolution: ``1 / (n_perm + 1)``, the smallest attainable p-value.
+        alternative: ``"two-sided"``, ``"greater"`` or ``"less"``.
+    """
+
+    statistic: Float[Tensor, " m"]
+    p_value: Float[Tensor, " m"]
+    n_extreme: Int[Tensor, " m"]
+    n_perm: int
+    resolution: float
+    alternative: str
+
+
+def sign_flip_columns(
+    a: Float[Tensor, "n m"],
+    b: Float[Tensor, "n m"] | None = None,
+    *,
+    n_perm: int = 9999,
+    alternative: Alternative = "two-sided",
+    seed: Seed = 0,
+    max_elements: int = 1 << 24,
+) -> ColumnTests:
+    """:func:`sign_flip_test` of the mean difference on each column of ``a − b`` at once
+    (rows are the pairs, columns e.g. the latents of an SAE).
+
+    Every column sees the same sign flips, so column ``j``'s result equals
+    ``sign_flip_test(a[:, j], b[:, j], n_perm=n_perm, alternative=alternative, seed=seed)``
+    with an integer seed (the same random draws and the same arithmetic), without drawing
+    the flips once per column. ``max_elements`` bounds the ``flips × columns × rows``
+    products held in memory at once. With ``b=None``, ``a`` holds the differences.
+    """
+    _check_test_args(n_perm, alternative)
+    if a.dim() != 2 or (b is not None and b.shape != a.shape):
+        shapes = [tuple(a.shape)] + ([] if b is None else [tuple(b.shape)])
+        raise ValueError(f"sign_flip_columns needs paired [n, m] matrices, got {shapes}")
+    d = (a.double() if b is None else a.double() - b.double()).T.contiguous()  # [m, n]
+    if d.shape[1] == 0:
+        raise ValueError("sign_flip_columns needs at least one pair")
+    if torch.isnan(d).any():
+        raise ValueError("sign_flip_columns: differences contain NaN")
+    m, n = d.shape
+    gen = _generator(seed)
+    observed = d.mean(1)
+    tol = 100 * torch.finfo(torch.float64).eps * observed.abs()
+    n_extreme = torch.zeros(m, dtype=torch.long, device=d.device)
+    for start in range(0, n_perm, _CHUNK):
+        k = min(_CHUNK, n_perm - start)
+        signs = torch.where(_uniform(gen, (k, n)) < 0.5, -1.0, 1.0).double().to(d.device)
+        step = max(1, max_elements // (k * n))
+        for c in range(0, m, step):
+            obs, t = observed[c : c + step], tol[c : c + step]
+            null = (signs[None] * d[c : c + step, None]).reshape(-1, n).mean(1).view(-1, k)
+            if alternative == "two-sided":
+                extreme = null.abs() >= (obs.abs() - t)[:, None]
+            elif alternative == "greater":
+                extreme = null >= (obs - t)[:, None]
+            else:
+                extreme = null <= (obs + t)[:, None]
+            n_extreme[c : c + step] += extreme.sum(1)
+    p = (1 + n_extreme.double()) / (n_perm + 1)
+    return ColumnTests(
+        observed.cpu(), p.cpu(), n_extreme.cpu(), n_perm, 1 / (n_perm + 1), alternative
+    )
+
+
+@dataclass(frozen=True)
+class ControlContrast:
+    """A tested column against control columns on two groups of rows
+    (:func:`control_contrast`).
+
+    Attributes:
+        per_column: ``statistic(effects[a], effects[b])``, shape ``[1 + n_controls]``;
+            column 0 is the tested one.
+        contrast: ``per_column[0] − mean(per_column[1:])`` with a percentile bootstrap
+            interval (rows resampled within ``a`` and within ``b``).
+        p_permutation: one-sided (contrast greater than by chance) permutation p-value,
+            rows relabelled between ``a`` and ``b``.
+        p_rank: ``(1 + #{controls >= tested}) / (1 + n_controls)``: the tested column's
+            rank among the controls (never below ``1 / (1 + n_controls)``).
+    """
+
+    per_column: Float[Tensor, " k"]
+    contrast: Interval
+    p_permutation: float
+    p_rank: float
+
+
+def control_contrast(
+    effects: Float[Tensor, "n k"],
+    a: Sequence[int],
+    b: Sequence[int],
+    statistic: Callable[[Tensor, Tensor], Tensor],
+    *,
+    n_boot: int = 1000,
+    n_perm: int = 9999,
+    seed: Seed = 0,
+) -> ControlContrast:
+    """Is a tested intervention's contrast between two groups of rows larger than that of
+    its controls (e.g. random feature sets matched on firing rate)?
+
+    ``effects[:, 0]`` holds the tested intervention's effect on every row, ``effects[:, 1:]``
+    the controls'; ``a`` and ``b`` are the row indices of the two groups; ``statistic``
+    maps the rows of each group (``[n_a, k]``, ``[n_b, k]``) to one value per column. The
+    contrast ``T = statistic[0] − mean(statistic[1:])`` gets a bootstrap interval (rows
+    resampled within each group), a permutation test of the group labels (one-sided: T
+    greater) and the tested column's rank among the controls.
+    """
+    if effects.dim() != 2 or effects.shape[1] < 2:
+        raise ValueError(f"effects must be [n, 1 + n_controls >= 2], got {tuple(effects.shape)}")
+    if not a or not b:
+        raise ValueError(f"control_contrast needs two non-empty groups, got {len(a)} and {len(b)}")
+    i, j = torch.tensor(list(a)).double(), torch.tensor(list(b)).double()
+
+    def contrast(x: Tensor, y: Tensor) -> float:
+        v = statistic(effects[x.long()], effects[y.long()])
+        return float(v[0] - v[1:].mean())
+
+    per = statistic(effects[list(a)], effects[list(b)])
+    perm = permutation_test(
+        i, j, statistic=contrast, n_perm=n_perm, alternative="greater", seed=seed
+    )
+    interval = bootstrap_ci(contrast, i, j, n_boot=n_boot, seed=seed)
+    p_rank = (1 + int((per[1:] >= per[0]).sum())) / len(per)
+    return ControlContrast(per, interval, perm.p_value, p_rank)
+
+
+def enrichment_test(
+    labels: Int[Tensor, " n"],
+    member: Bool[Tensor, " n"],
+    n_groups: int | None = None,
+    *,
+    n_perm: int = 9999,
+    seed: Seed = 0,
+) -> tuple[Float[Tensor, " k"], PermutationTest]:
+    """Over-representation of members in groups (e.g. of one kind of item in clusters).
+
+    ``enrichment[g] = (members' share of group g) / (members' share of all items)``: 1 is
+    as expected, an empty group gets 0. The test is one-sided on the largest enrichment,
+    with the member labels shuffled over the items: it compares the largest of ``k``
+    enrichments with the largest under the null, which accounts for having picked it.
+    ``n_groups`` defaults to ``labels.max() + 1``.
+
+    Returns:
+        the enrichment per group, shape ``[n_groups]``, and the test of its maximum.
+    """
+    if labels.shape != member.shape or labels.dim() != 1:
+        raise ValueError(f"labels and member must be [n], got {labels.shape} and {member.shape}")
+    if not member.any() or member.all():
+        raise ValueError("enrichment_test needs both members and non-members")
+    k = int(labels.max()) + 1 if n_groups is None else n_groups
+
+    def enrichment(a: Tensor, b: Tensor) -> Tensor:
+        n_a = torch.bincount(a.long(), minlength=k)
+        n_all = n_a + torch.bincount(b.long(), minlength=k)
+        return (n_a / n_all.clamp_min(1)) / (len(a) / (len(a) + len(b)))
+
+    def largest(a: Tensor, b: Tensor) -> float:
+        return float(enrichment(a, b).max())
+
+    a, b = labels[member].double(), labels[~member].double()
+    test = permutation_test(
+        a, b, statistic=largest, n_perm=n_perm, alternative="greater", seed=seed
+    )
+    return enrichment(a, b), test

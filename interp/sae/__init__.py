@@ -7,10 +7,12 @@ decoder backward passes touch only the selected latents (``functional``).
 batches (checkpoint/resume, data parallel); ``save``/``load`` use SAELens's directory
 format; ``splice`` puts it into a model through a TransformerLens-style hook;
 ``pooled_splice`` edits through an SAE trained on pooled rows and ``matched_features``
-draws firing-rate-matched control latents (``pooled``); ``ActivationStore`` streams
-shuffled activations from a model (or ``cache_activations``/``CachedActivations``
-through disk). ``StandardSAE``/``JumpReLUSAE`` (``archs``) are SAELens's ReLU and JumpReLU
-SAEs for inference (``load_saelens``/``from_saelens`` dispatch on the architecture);
+draws firing-rate-matched control latents, ``train_on_rows`` fits an SAE to rows held in
+memory and ``ablation_nll`` gives Δ NLL per ablated latent set (``pooled``);
+``ActivationStore`` streams shuffled activations from a model (or
+``cache_activations``/``CachedActivations`` through disk). ``StandardSAE``/``JumpReLUSAE``
+(``archs``) are SAELens's ReLU and JumpReLU SAEs for inference
+(``load_saelens``/``from_saelens`` dispatch on the architecture);
 ``evaluate_on_model`` (``evaluation``) reports L0, FVU, CE loss recovered over real tokens,
 dead/dense latents and top-activating examples; ``pipeline`` caches, trains, evaluates
 and exports in one resumable command.
@@ -33,7 +35,7 @@ from interp.sae.functional import (
 )
 from interp.sae.model import SAEOutput, TopKSAE, TopKSAEConfig
 from interp.sae.pipeline import PipelineConfig, run_pipeline
-from interp.sae.pooled import matched_features, pooled_splice
+from interp.sae.pooled import ablation_nll, matched_features, pooled_splice, train_on_rows
 from interp.sae.saelens import (
     from_saelens,
     load_saelens,
@@ -71,6 +73,7 @@ __all__ = [
     "TopKActivations",
     "TopKSAE",
     "TopKSAEConfig",
+    "ablation_nll",
     "auxk_loss",
     "cache_activations",
     "ce_loss_recovered",
@@ -93,5 +96,6 @@ __all__ = [
     "to_saelens",
     "topk_encode",
     "topk_encode_dense",
+    "train_on_rows",
     "train_sae",
 ]

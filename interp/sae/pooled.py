@@ -16,10 +16,15 @@ through ``interp`` (``score``, ``capture``, ``model(batch)``); decoding steps of
 ``matched_features`` draws random latents with the firing-rate profile of a tested set:
 the control for "ablating these latents does X" that random latents of another firing
 rate (dead ones, or ones that fire on everything) would not be.
+
+``train_on_rows`` fits a ``TopKSAE`` to pooled rows held in memory (with the ``input_scale``
+``pooled_splice`` takes); ``ablation_nll`` gives each text's Δ NLL when each of several
+latent sets (a tested set and its matched controls) is removed from its pooled vector.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,8 +36,9 @@ from interp.positions import PositionError, decoding_step, running_batch
 from interp.sae.functional import sparse_decode
 from interp.sae.model import TopKSAE
 from interp.sae.splice import _factors
+from interp.sae.train import SAETrainConfig, SAETrainResult, train_sae
 
-__all__ = ["matched_features", "pooled_splice"]
+__all__ = ["ablation_nll", "matched_features", "pooled_splice", "train_on_rows"]
 
 
 def pooled_splice(
@@ -136,3 +142,79 @@ def matched_features(
         free[cands] = False
         out += cands.tolist()
     return out
+
+
+def train_on_rows(
+    rows: Float[Tensor, "n d"],
+    d_sae: int,
+    k: int,
+    config: SAETrainConfig,
+    *,
+    batch_size: int,
+    seed: int | None = None,
+    hook_name: str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[TopKSAE, float, SAETrainResult]:
+    """A ``TopKSAE`` fitted to rows held in memory (e.g. one pooled vector per sentence).
+
+    The rows are divided by ``input_scale = max(mean row norm / sqrt(d), 1e-12)`` (so
+    their mean norm is sqrt(d), whatever the model's scale); encode other rows as
+    ``x / input_scale`` and edit with ``pooled_splice(..., input_scale=input_scale)``.
+    ``config.max_steps`` batches of ``batch_size`` rows are drawn with replacement. The
+    SAE's initialisation is seeded with ``seed`` (default ``config.seed``), the batch draw
+    with ``seed + 1``; the SAE lives on ``device`` (default: the rows' device).
+
+    Returns:
+        the SAE, ``input_scale`` and ``train_sae``'s result.
+    """
+    if rows.dim() != 2 or len(rows) == 0:
+        raise ValueError(f"train_on_rows needs a non-empty [n, d] matrix, got {tuple(rows.shape)}")
+    if config.max_steps is None:
+        raise ValueError("train_on_rows needs config.max_steps (the number of batches)")
+    device = rows.device if device is None else torch.device(device)
+    seed = config.seed if seed is None else seed
+    d = rows.shape[1]
+    scale = max(float(rows.norm(dim=1).mean() / math.sqrt(d)), 1e-12)
+    gen = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, d_sae, k, hook_name=hook_name, generator=gen).to(device)
+    x, g = (rows / scale).to(device), torch.Generator().manual_seed(seed + 1)
+    batches = (
+        x[torch.randint(0, len(x), (batch_size,), generator=g).to(device)]
+        for _ in range(config.max_steps)
+    )
+    return sae, scale, train_sae(sae, batches, config)
+
+
+def ablation_nll(
+    model: Any,
+    texts: Sequence[Any],
+    hook_name: str,
+    sae: TopKSAE,
+    feature_sets: Sequence[Sequence[int]],
+    input_scale: float = 1.0,
+    *,
+    baseline: Float[Tensor, " n"] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Float[Tensor, "n sets"]:
+    """Δ NLL of every text when each set of latents is removed from its pooled vector.
+
+    Column ``c`` is ``score(model, texts).nll`` with ``pooled_splice(sae, feature_sets[c])``
+    hooked at ``hook_name`` (special tokens excluded, as ``capture_dataset`` excludes them)
+    minus ``baseline`` (default: the unhooked NLL, computed here). ``progress``: a bar over
+    the sets.
+    """
+    from tqdm.auto import tqdm
+
+    from interp.runs import score, special_ids
+
+    if baseline is None:
+        baseline = score(model, texts, batch_size=batch_size, progress=False).nll
+    specials = special_ids(model.tokenizer)
+    cols = []
+    bar = tqdm(feature_sets, desc=f"ablations at {hook_name}", disable=not progress, leave=False)
+    for feats in bar:
+        fn = pooled_splice(sae, feats, input_scale=input_scale, exclude_ids=specials)
+        with model.hooks(fwd=[(hook_name, fn)]):
+            cols.append(score(model, texts, batch_size=batch_size, progress=False).nll - baseline)
+    return torch.stack(cols, 1)
