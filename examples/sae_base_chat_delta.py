@@ -10,10 +10,6 @@ are the most-changed ones causally specific to cultural text? (docs/studies/sae_
 the cultural corpus (SAE training), every other value a control set (SAE validation).
 Default: the shipped sets in ``examples/data/sae/``. Without ``--chat-model`` the chat model
 is the base after a short LoRA fine-tune on ``chat_sft.jsonl`` (a known stand-in, not RLHF).
-Steps: pooled activations (BOS excluded) of both models, one resident at a time; nine TopK
-SAEs (base/chat/delta × layers) trained on cultural, validated on control sentences; paired
-per-feature effect sizes and tests; feature clusters; a causal check of the top features
-against firing-rate-matched random features; optional ``--label-model`` feature labels.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ import _common as C  # noqa: I001  (first: sets the OpenMP environment before to
 
 import dataclasses
 import gc
-import math
+import json
 import random
 from collections import Counter
 from typing import Any, ClassVar
@@ -37,37 +33,17 @@ from torch import Tensor
 
 from interp import stats, viz
 from interp.data import load_records
-from interp.runs import capture_dataset, generate, score, special_ids
-from interp.sae import SAETrainConfig, TopKSAE, evaluate, matched_features, pooled_splice, train_sae
+from interp.runs import capture_dataset, generate, score
+from interp.sae import SAETrainConfig, TopKSAE, evaluate
+from interp.sae.pooled import ablation_nll, matched_features, train_on_rows
 
 NAME = "sae_base_chat_delta"
-QUESTION = (
-    "Which sentence-level SAE features differ between a base and a chat model on the same "
-    "sentences, and are the most-changed features causally specific to cultural text?"
-)
 DATA = Path(__file__).resolve().parent / "data" / "sae"
+TEXT = json.loads((DATA / "study.json").read_text())  # question, methods, prompt
 SHIPPED = ("cultural", "control_english", "control_hindi")
 HOOK = "blocks.{}.hook_resid_post"
 KINDS = ("base", "chat", "delta")
 NO_EFFECT = 1e-6  # nats: an ablation whose largest |Δ NLL| is below this changed nothing
-METHODS = {  # each number's control, interval and correction (details: the docs page)
-    "saes": "trained on cultural sentences minus a held-out share; validated on the control sets",
-    "cohens_d": "chat SAE on chat and base vectors of the same sentences; d (pooled SD), d_z; "
-    "paired sign-flip test, BH over the layer's features; paired bootstrap interval on d for "
-    "the top features (BH-significant first, then |d|; post-selection, so optimistic)",
-    "clustering": "delta share per cluster / overall; one-sided permutation test (kind labels "
-    "over features) of the largest enrichment, which accounts for picking the largest",
-    "causal": "Δ NLL when the features' share of each pooled vector is removed (pooled_splice); "
-    "control: random sets from the same firing-rate bins; SI = (cultural − control) / "
-    "(|cultural| + |control|); contrast SI(tested) − mean SI(random) with a sentence bootstrap; "
-    "sentence-label permutation and random-set rank tests, Holm over layers; 'supported' needs "
-    "both p < 0.05, the interval > 0 and SI(tested) > 0; 'uninformative' if an ablation did "
-    "nothing or the rank test cannot reach 0.05 (n_layers / (n_random + 1) >= 0.05)",
-}
-LABEL_PROMPT = (
-    "These sentences all strongly activate one feature of a sparse autoencoder:\n{}\n"
-    "In at most eight words, what do they have in common? Answer with the words only."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,20 +86,20 @@ class Settings(C.Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        small = [f.name for f in dataclasses.fields(self) if type(getattr(self, f.name)) is int
-                 and getattr(self, f.name) < (2 if f.name == "n_per_set" else 1)]  # fmt: skip
-        if small:
+        ints = [f.name for f in dataclasses.fields(self) if type(getattr(self, f.name)) is int]
+        if small := [n for n in ints if getattr(self, n) < (2 if n == "n_per_set" else 1)]:
             raise ValueError(
                 f"{', '.join(map(self.flag, small))}: too small (>= 1; n-per-set >= 2)"
             )
         default = {f.name: f.default for f in dataclasses.fields(self)}
-        idle = {"lora_epochs": self.chat_model, "lora_lr": self.chat_model, "lora_r": self.chat_model,
-                "label_tokens": self.label_model is None, "model": self.base_model}  # fmt: skip
-        unused = [n for n, off in idle.items()
-                  if off and getattr(self, n) not in (default[n], self.QUICK.get(n))]  # fmt: skip
-        if unused:  # no flag is silently ignored
-            raise ValueError(f"{', '.join(map(self.flag, unused))}: unused with the given "
-                             "--chat-model / --label-model / --base-model")  # fmt: skip
+        off = dict.fromkeys(("lora_epochs", "lora_lr", "lora_r"), self.chat_model)
+        off |= {"label_tokens": self.label_model is None, "model": self.base_model}
+        changed = [n for n in off if getattr(self, n) not in (default[n], self.QUICK.get(n))]
+        if unused := [n for n in changed if off[n]]:  # no flag is silently ignored
+            flags = ", ".join(map(self.flag, unused))
+            raise ValueError(
+                f"{flags}: unused with the given --chat-model / --label-model / --base-model"
+            )
         if not 0 <= self.heldout_frac < 1 or self.sae_mult <= 0:
             raise ValueError("--heldout-frac must be in [0, 1) and --sae-mult > 0")
 
@@ -163,8 +139,9 @@ def release() -> None:
 def pooled(model: Any, texts: list[str], layers: list[int], s: Settings) -> dict[int, Tensor]:
     """Mean-pooled residual stream per sentence, special tokens (BOS) left out: {layer: [n, d]}."""
     names = [HOOK.format(ly) for ly in layers]
-    acts = capture_dataset(model, texts, names, pool="mean", batch_size=s.batch_size,
-                           exclude_special=True, dtype=torch.float32)  # fmt: skip
+    acts = capture_dataset(
+        model, texts, names, pool="mean", batch_size=s.batch_size, dtype=torch.float32
+    )
     return {ly: acts[name].cpu() for ly, name in zip(layers, names, strict=True)}
 
 
@@ -177,29 +154,13 @@ def lora_chat(model: Any, s: Settings) -> dict[str, Any]:
         {"prompt": [{"role": "user", "content": r["prompt"]}], "response": r["response"]}
         for r in rows
     ]
-    config = T.TrainConfig(r=s.lora_r, alpha=2.0 * s.lora_r, lr=s.lora_lr, epochs=s.lora_epochs,
-                           batch_size=4, seed=s.seed, warmup_ratio=0.1)  # fmt: skip
+    lora = {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "lr": s.lora_lr, "epochs": s.lora_epochs}
+    config = T.TrainConfig(**lora, batch_size=4, seed=s.seed, warmup_ratio=0.1)
     res = T.train(model, examples, T.SFTLoss(), config, tokenizer=model.tokenizer)
     return {"kind": "lora_on_base", "steps": res.steps, "loss": [res.losses[0], res.losses[-1]]}
 
 
 # ---- SAEs and per-feature statistics --------------------------------------------------------
-def fit_sae(x: Tensor, s: Settings, hook: str, device: torch.device) -> tuple[TopKSAE, Any]:
-    """A TopK SAE on the rows ``x``, on the model's device; returns it and its last step."""
-    d_sae = max(s.k + 1, round(s.sae_mult * x.shape[1]))
-    gen = torch.Generator().manual_seed(s.seed)
-    sae = TopKSAE(x.shape[1], d_sae, s.k, hook_name=hook, generator=gen).to(device)
-    rows, g = x.to(device), torch.Generator().manual_seed(s.seed + 1)
-    batches = (
-        rows[torch.randint(0, len(rows), (s.sae_batch,), generator=g).to(device)]
-        for _ in range(s.sae_steps)
-    )
-    cfg = SAETrainConfig(lr=s.sae_lr, max_steps=s.sae_steps, warmup_steps=min(20, s.sae_steps),
-                         dead_tokens=s.dead_window * s.sae_batch, resample_every=s.resample_every,
-                         seed=s.seed, progress=False)  # fmt: skip
-    return sae, train_sae(sae, batches, cfg).history[-1]
-
-
 def encode(sae: TopKSAE, x: Tensor) -> Tensor:
     with torch.no_grad():
         return sae.encode_dense(x.to(sae.W_enc.device)).cpu()
@@ -210,14 +171,15 @@ def feature_tests(zc: Tensor, zb: Tensor, s: Settings) -> list[dict[str, Any]]:
     paired sign-flip p-value, BH-adjusted over the features; ranked BH-significant first, then
     by |d| (a feature firing on one sentence under one model has |d| = √(2/n) but p = 1)."""
     diff = zc.double() - zb.double()
+    alive = ((zc.std(0) > 0) | (zb.std(0) > 0)).nonzero().flatten().tolist()
+    p = stats.sign_flip_columns(diff[:, alive], n_perm=s.n_perm, seed=s.seed).p_value.tolist()
+    p_bh = stats.benjamini_hochberg(p).tolist()
     rows = []
-    for j in ((zc.std(0) > 0) | (zb.std(0) > 0)).nonzero().flatten().tolist():
+    for j, pj, qj in zip(alive, p, p_bh, strict=True):
         sd = float(diff[:, j].std())
-        p = stats.sign_flip_test(diff[:, j], n_perm=s.n_perm, seed=s.seed).p_value
         d_z = float(diff[:, j].mean()) / sd if sd > 0 else None
-        rows.append({"feature": j, "d": stats.cohens_d(zc[:, j], zb[:, j]), "d_z": d_z, "p": p})
-    for r, p in zip(rows, stats.benjamini_hochberg([r["p"] for r in rows]).tolist(), strict=True):
-        r["p_bh"] = p
+        d = stats.cohens_d(zc[:, j], zb[:, j])
+        rows.append({"feature": j, "d": d, "d_z": d_z, "p": pj, "p_bh": qj})
     return sorted(rows, key=lambda r: (r["p_bh"] >= 0.05, -abs(r["d"])))  # significant first
 
 
@@ -240,221 +202,22 @@ def cluster(codes: dict, emb: Tensor, s: Settings) -> dict[str, Any]:
     km = KMeans(n_clusters=k, n_init=10, random_state=s.seed).fit(X)
     labels = torch.as_tensor(km.labels_, dtype=torch.long)
     is_delta = torch.tensor([kd == "delta" for kd in kinds])
-
-    def enrichment(a: Tensor, b: Tensor) -> Tensor:
-        n_a = torch.bincount(a.long(), minlength=k)
-        n_all = n_a + torch.bincount(b.long(), minlength=k)
-        return (n_a / n_all.clamp_min(1)) / (len(a) / (len(a) + len(b)))
-
-    a, b = labels[is_delta].double(), labels[~is_delta].double()
-    test = stats.permutation_test(a, b, statistic=lambda x, y: float(enrichment(x, y).max()),
-                                  n_perm=s.n_perm, alternative="greater", seed=s.seed)  # fmt: skip
+    enrichment, test = stats.enrichment_test(labels, is_delta, k, n_perm=s.n_perm, seed=s.seed)
     nearest = (emb @ torch.as_tensor(km.cluster_centers_, dtype=emb.dtype).T).argmax(1)
     by_kind = Counter(zip(labels.tolist(), kinds, strict=True))
     clusters = [
-        {"cluster": c, "n_features": int((labels == c).sum()),
-         "by_kind": {kd: by_kind[c, kd] for kd in KINDS}, "delta_enrichment": float(e),
-         "nearest_sentences": (nearest == c).nonzero().flatten().tolist()}
-        for c, e in enumerate(enrichment(a, b).tolist())
-    ]  # fmt: skip
-    sil = float(silhouette_score(X, km.labels_)) if 1 < k < len(X) else None
-    return {"n_alive_features": len(X), "k": k, "silhouette": sil,
-            "max_enrichment_test": test.as_dict(), "clusters": clusters}  # fmt: skip
-
-
-# ---- causal check ---------------------------------------------------------------------------
-def specificity(cult: Tensor, ctrl: Tensor) -> Tensor:
-    """Scale-free cultural specificity of ablation effects, per column (feature set):
-    (mean Δ cultural − mean Δ control) / (|mean Δ cultural| + |mean Δ control|), in [−1, 1]
-    (a larger raw difference from a more destructive set does not count as more specific)."""
-    a, b = cult.mean(0), ctrl.mean(0)
-    return (a - b) / (a.abs() + b.abs()).clamp_min(1e-12)
-
-
-def causal_layer(model, texts, cult, ctrl, clean, sae, scale, rate, tested, s, rng, layer):
-    """Δ NLL when the pooled-vector share of ``tested`` is removed (``pooled_splice``), against
-    ``n_random`` sets of latents from the same firing-rate bins; column 0 of ``e`` is tested."""
-    specials = special_ids(model.tokenizer)
-
-    def dnll(feats: list[int]) -> Tensor:
-        fn = pooled_splice(sae, feats, input_scale=scale, exclude_ids=specials)
-        with model.hooks(fwd=[(HOOK.format(layer), fn)]):
-            return score(model, texts, batch_size=s.batch_size, progress=False).nll - clean
-
-    sets = [
-        matched_features(rate, tested, n_bins=s.n_bins, generator=rng) for _ in range(s.n_random)
+        {
+            "cluster": c,
+            "n_features": int((labels == c).sum()),
+            "by_kind": {kd: by_kind[c, kd] for kd in KINDS},
+            "delta_enrichment": float(e),
+            "nearest_sentences": (nearest == c).nonzero().flatten().tolist(),
+        }
+        for c, e in enumerate(enrichment.tolist())
     ]
-    e = torch.stack([dnll(f) for f in C.progress([tested, *sets], f"ablations, layer {layer}")], 1)
-    si = specificity(e[cult], e[ctrl])  # [1 + n_random]
-
-    def contrast(x: Tensor, y: Tensor) -> float:  # sentence indices → SI(tested) − mean SI(random)
-        v = specificity(e[x.long()], e[y.long()])
-        return float(v[0] - v[1:].mean())
-
-    i, j = torch.tensor(cult).double(), torch.tensor(ctrl).double()
-    perm = stats.permutation_test(
-        i, j, statistic=contrast, n_perm=s.n_perm, alternative="greater", seed=s.seed
-    )
-    return {
-        "tested": tested, "firing_rate_tested": float(rate[tested].mean()),
-        "firing_rate_random": [float(rate[f].mean()) for f in sets],
-        "dnll_tested": {"cultural": float(e[cult, 0].mean()), "control": float(e[ctrl, 0].mean())},
-        "dnll_random": {"cultural": float(e[cult, 1:].mean()), "control": float(e[ctrl, 1:].mean())},
-        "specificity_tested": float(si[0]), "specificity_random": si[1:].tolist(),
-        "contrast": stats.bootstrap_ci(contrast, i, j, n_boot=s.n_boot, seed=s.seed).as_dict(),
-        "p_sentence_permutation": perm.p_value,
-        "p_rank_among_random": (1 + int((si[1:] >= si[0]).sum())) / (1 + s.n_random),
-        "ablation_changed_nll": bool(e.abs().amax(0).min() > NO_EFFECT),
-        "dnll_per_sentence": e.T.tolist(),  # row 0 tested, then the random sets
-    }  # fmt: skip
-
-
-def label_features(s: Settings, feats: list[dict[str, Any]]) -> list[str]:
-    """Labels from ``--label-model`` (loaded alone), greedy, from each feature's top sentences."""
-    model = C.load(s, s.label_model)
-    prompts = [
-        [{"role": "user", "content": LABEL_PROMPT.format(
-            "\n".join(f"- {e['text']}" for e in f["top_examples"]))}]
-        for f in feats
-    ]  # fmt: skip
-    gens = generate(model, prompts, max_new_tokens=s.label_tokens, batch_size=s.batch_size,
-                    stop="\n")  # fmt: skip
-    del model
-    release()
-    return [t.strip() for t in gens.texts]
-
-
-def interval_bars(labels: list[str], cis: list[dict], path: Path, **kw: Any) -> None:
-    values = [[c[key] for c in cis] for key in ("estimate", "low", "high")]
-    viz.bars_with_interval(labels, *values, path, **kw)
-
-
-# ---- the study ------------------------------------------------------------------------------
-def study(s: Settings, report: C.Report) -> None:
-    out = Path(s.out)
-    with report.step("data"):
-        texts, groups = read_sets(s)
-        cult = [i for i, g in enumerate(groups) if g == s.cultural_group]
-        ctrl = [i for i, g in enumerate(groups) if g != s.cultural_group]
-        held = sorted(random.Random(s.seed).sample(cult, round(s.heldout_frac * len(cult))))
-        train = sorted(set(cult) - set(held))
-        report["methods"] = METHODS
-        report["data"] = {"source": s.data or "examples/data/sae", "sets": Counter(groups),
-                          "sae_train_cultural": len(train), "heldout_cultural": len(held),
-                          "validation_control": len(ctrl)}  # fmt: skip
-
-    with report.step("base"):
-        model = C.load(s, s.base_model or s.model)
-        layers = sorted({C.layer_at(f, int(model.cfg.n_layers)) for f in s.layers})
-        mid = layers[len(layers) // 2]
-        acts = {"base": pooled(model, texts, layers, s)}
-
-    with report.step("chat"):
-        if s.chat_model is None:
-            report["chat_training"] = lora_chat(model, s)  # the adapter stays on: the chat model
-            report["limitation"] = (
-                "chat = base + a short LoRA fine-tune: a known stand-in, not RLHF"
-            )
-        else:
-            del model
-            release()
-            model = C.load(s, s.chat_model)
-            report["chat_training"] = {"kind": "separate_checkpoint"}
-        acts["chat"] = pooled(model, texts, layers, s)
-        if acts["chat"][mid].shape != acts["base"][mid].shape:
-            raise ValueError("base and chat models have different widths: there is no delta")
-        acts["delta"] = {ly: acts["chat"][ly] - acts["base"][ly] for ly in layers}
-        if all(float(acts["delta"][ly].abs().max()) == 0 for ly in layers):
-            raise ValueError("base and chat activations are identical: nothing to compare")
-        rel = {ly: acts["delta"][ly].norm(dim=1).mean() / acts["base"][ly].norm(dim=1).mean()
-               for ly in layers}  # fmt: skip
-        report["model"] = {"base": s.base_model or s.model, "chat": s.chat_model or "base+LoRA",
-                           "n_layers": int(model.cfg.n_layers), "layers": layers, "mid": mid,
-                           "delta_norm_over_base_norm": rel}  # fmt: skip
-
-    saes, scales, codes, rows = {}, {}, {}, []
-    with report.step("train_saes"):
-        for kind in KINDS:
-            for ly in layers:
-                x = acts[kind][ly]  # one scalar per SAE: mean training-row norm sqrt(d_model)
-                scales[kind, ly] = max(float(x[train].norm(dim=1).mean() / math.sqrt(x.shape[1])), 1e-12)  # fmt: skip
-                xs = x / scales[kind, ly]
-                sae, last = fit_sae(xs[train], s, HOOK.format(ly), model.device)
-                saes[kind, ly], codes[kind, ly] = sae, encode(sae, xs)
-                sets = {"control": ctrl, "heldout_cultural": held, "train": train}
-                ev = {n: evaluate(sae, [xs[ix]])._asdict() for n, ix in sets.items() if ix}
-                rows.append({"kind": kind, "layer": ly, "d_sae": sae.d_sae, "k": sae.k,
-                             "train_dead_fraction": last.dead_fraction, **ev})  # fmt: skip
-        report["saes"] = rows
-    fvu = [[r["control"]["fvu"] for r in rows if r["kind"] == kd] for kd in KINDS]
-    viz.heatmap(fvu, layers, KINDS, "SAE FVU on the control sets (trained on cultural)",
-                out / "sae_validation.png", xlabel="layer", annotate=True)  # fmt: skip
-
-    with report.step("cohens_d"):
-        report["cohens_d"] = per_layer = {}
-        for ly in layers:
-            zc = codes["chat", ly]
-            zb = encode(saes["chat", ly], acts["base"][ly] / scales["chat", ly])
-            tests = feature_tests(zc, zb, s)
-            for r in tests[: s.n_ci]:
-                j = r["feature"]
-                ci = stats.paired_bootstrap_ci(stats.cohens_d, zc[:, j], zb[:, j],
-                                               n_boot=s.n_boot, seed=s.seed)  # fmt: skip
-                r["ci"] = ci.as_dict()
-                z = torch.maximum(zc[:, j], zb[:, j])  # a feature may fire under one model only
-                r["top_examples"] = [{"text": texts[i], "group": groups[i], "chat": float(zc[i, j]),
-                                      "base": float(zb[i, j])}
-                                     for i in z.argsort(descending=True)[: s.top_examples].tolist() if z[i] > 0]  # fmt: skip
-            sig = [r for r in tests if r["p_bh"] < 0.05]
-            per_layer[ly] = {"n_features_tested": len(tests), "n_bh_significant": len(sig),
-                             "n_abs_d_gt_0.8_and_bh": sum(abs(r["d"]) > 0.8 for r in sig),
-                             "max_abs_d": max((abs(r["d"]) for r in tests), default=None),
-                             "top": tests[: s.n_ci], "ranked": [r["feature"] for r in tests]}  # fmt: skip
-    top = per_layer[mid]["top"]
-    interval_bars([f"f{r['feature']}" for r in top], [r["ci"] for r in top], out / "cohens_d.png",
-                  title=f"layer {mid}: top chat-SAE features (BH-significant first, by |d|)",
-                  xlabel="Cohen's d (chat − base), paired bootstrap 95% CI")  # fmt: skip
-
-    with report.step("clustering"):
-        emb, how = embeddings(texts, acts["base"][mid], s.embed)
-        report["clustering"] = {"embedding": how, **cluster(codes, emb, s)}
-
-    with report.step("causal"):
-        clean = score(model, texts, batch_size=s.batch_size).nll
-        rng, causal = torch.Generator().manual_seed(s.seed), {}
-        for ly in [mid] if s.causal_layers == "mid" else layers:
-            rate = (codes["chat", ly] > 0).float().mean(0)  # firing rate over all sentences
-            tested = per_layer[ly]["ranked"][: s.n_causal]
-            causal[ly] = causal_layer(model, texts, cult, ctrl, clean, saes["chat", ly],
-                                      scales["chat", ly], rate, tested, s, rng, ly)  # fmt: skip
-        for key in ("p_sentence_permutation", "p_rank_among_random"):
-            adjusted = stats.holm([r[key] for r in causal.values()]).tolist()
-            for r, p in zip(causal.values(), adjusted, strict=True):
-                r[key + "_holm"] = p
-        for r in causal.values():  # a claim needs both Holm-adjusted tests and the interval > 0
-            ok = max(r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]) < 0.05
-            ok = ok and r["contrast"]["low"] > 0 and r["specificity_tested"] > 0
-            reachable = len(causal) / (s.n_random + 1) < 0.05  # the rank test's smallest Holm p
-            informative = r["ablation_changed_nll"] and reachable
-            r["verdict"] = (
-                "supported" if ok else "not supported" if informative else "uninformative"
-            )
-        for r in causal.values():  # mean Δ NLL per set: tested, then the random sets' mean
-            e = torch.tensor(r["dnll_per_sentence"])
-            r["dnll_by_set"] = {g: [float(e[0, ix].mean()), float(e[1:, ix].mean())]
-                                for g in dict.fromkeys(groups) for ix in [[i for i, x in enumerate(groups) if x == g]]}  # fmt: skip
-        report["causal"] = causal
-        interval_bars([f"layer {ly}" for ly in causal], [r["contrast"] for r in causal.values()],
-                      out / "causal_effect.png", title="cultural specificity: tested − matched random",
-                      xlabel="SI(tested) − mean SI(matched random), bootstrap 95% CI")  # fmt: skip
-    del model
-    release()
-
-    with report.step("labels"):
-        for r, text in zip(top, label_features(s, top) if s.label_model else [], strict=False):
-            r["label"] = text
-        report["labels"] = {"model": s.label_model, "labels": [r.get("label") for r in top]}
-    report["headline"] = headline(report, mid)
+    sil = float(silhouette_score(X, km.labels_)) if 1 < k < len(X) else None
+    out = {"n_alive_features": len(X), "k": k, "silhouette": sil}
+    return {**out, "max_enrichment_test": test.as_dict(), "clusters": clusters}
 
 
 def embeddings(texts: list[str], fallback: Tensor, use: bool) -> tuple[Tensor, str]:
@@ -468,21 +231,246 @@ def embeddings(texts: list[str], fallback: Tensor, use: bool) -> tuple[Tensor, s
     return F.normalize(emb.float().cpu(), dim=1), "all-MiniLM-L6-v2"
 
 
-def headline(report: C.Report, mid: int) -> dict[str, Any]:
-    """The numbers the docs quote, each next to what it is compared against."""
-    d, cl = report["cohens_d"][mid], report["clustering"]["max_enrichment_test"]
-    fvu = {kd: [r["control"]["fvu"] for r in report["saes"] if r["kind"] == kd] for kd in KINDS}
-    return {"mean_control_fvu": {kd: sum(v) / len(v) for kd, v in fvu.items()}, "mid_layer": mid,
-            "mid_features_bh_significant": [d["n_bh_significant"], d["n_features_tested"]],
-            "mid_features_abs_d_gt_0.8_and_bh": d["n_abs_d_gt_0.8_and_bh"],
-            "max_delta_enrichment": [cl["statistic"], cl["p_value"]],
-            "causal": {ly: [r["verdict"], r["contrast"]] for ly, r in report["causal"].items()}}  # fmt: skip
+# ---- causal check ---------------------------------------------------------------------------
+def specificity(cult: Tensor, ctrl: Tensor) -> Tensor:
+    """Scale-free cultural specificity of ablation effects, per column (feature set):
+    (mean Δ cultural − mean Δ control) / (|mean Δ cultural| + |mean Δ control|), in [−1, 1]
+    (a larger raw difference from a more destructive set does not count as more specific)."""
+    a, b = cult.mean(0), ctrl.mean(0)
+    return (a - b) / (a.abs() + b.abs()).clamp_min(1e-12)
+
+
+def causal_layer(model, texts, groups, cult, ctrl, clean, sae, scale, rate, tested, s, rng, layer):
+    """Δ NLL when the pooled-vector share of ``tested`` is removed (``ablation_nll``), against
+    ``n_random`` sets of latents from the same firing-rate bins (column 0 of ``e`` is tested)."""
+    sets = [
+        matched_features(rate, tested, n_bins=s.n_bins, generator=rng) for _ in range(s.n_random)
+    ]
+    hook = HOOK.format(layer)
+    e = ablation_nll(
+        model, texts, hook, sae, [tested, *sets], scale, baseline=clean, batch_size=s.batch_size
+    )
+    cc = stats.control_contrast(
+        e, cult, ctrl, specificity, n_boot=s.n_boot, n_perm=s.n_perm, seed=s.seed
+    )
+    by_set = e.T.contiguous()  # [sets, sentences]: row 0 tested, then the random sets
+    rows = {g: [i for i, x in enumerate(groups) if x == g] for g in dict.fromkeys(groups)}
+    return {
+        "tested": tested,
+        "firing_rate_tested": float(rate[tested].mean()),
+        "firing_rate_random": [float(rate[f].mean()) for f in sets],
+        "dnll_tested": {"cultural": float(e[cult, 0].mean()), "control": float(e[ctrl, 0].mean())},
+        "dnll_random": {
+            "cultural": float(e[cult, 1:].mean()),
+            "control": float(e[ctrl, 1:].mean()),
+        },
+        "specificity_tested": float(cc.per_column[0]),
+        "specificity_random": cc.per_column[1:].tolist(),
+        "contrast": cc.contrast.as_dict(),
+        "p_sentence_permutation": cc.p_permutation,
+        "p_rank_among_random": cc.p_rank,
+        "ablation_changed_nll": bool(e.abs().amax(0).min() > NO_EFFECT),
+        "dnll_per_sentence": by_set.tolist(),
+        "dnll_by_set": {
+            g: [float(by_set[0, ix].mean()), float(by_set[1:, ix].mean())] for g, ix in rows.items()
+        },
+    }
+
+
+def verdicts(causal: dict[int, dict[str, Any]], n_random: int) -> None:
+    """Holm over layers for both tests; 'supported' needs both adjusted p < 0.05, the contrast
+    interval > 0 and SI(tested) > 0; 'uninformative' if an ablation changed nothing or the
+    rank test cannot reach 0.05 (its smallest Holm p is n_layers / (n_random + 1))."""
+    for key in ("p_sentence_permutation", "p_rank_among_random"):
+        adjusted = stats.holm([r[key] for r in causal.values()]).tolist()
+        for r, p in zip(causal.values(), adjusted, strict=True):
+            r[key + "_holm"] = p
+    for r in causal.values():
+        ok = max(r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]) < 0.05
+        ok = ok and r["contrast"]["low"] > 0 and r["specificity_tested"] > 0
+        informative = r["ablation_changed_nll"] and len(causal) / (n_random + 1) < 0.05
+        r["verdict"] = "supported" if ok else "not supported" if informative else "uninformative"
+
+
+def label_features(s: Settings, feats: list[dict[str, Any]]) -> list[str]:
+    """Labels from ``--label-model`` (loaded alone), greedy, from each feature's top sentences."""
+    model = C.load(s, s.label_model)
+    lists = ["\n".join(f"- {e['text']}" for e in f["top_examples"]) for f in feats]
+    prompts = [[{"role": "user", "content": TEXT["label_prompt"].format(x)}] for x in lists]
+    gens = generate(
+        model, prompts, max_new_tokens=s.label_tokens, batch_size=s.batch_size, stop="\n"
+    )
+    del model
+    release()
+    return [t.strip() for t in gens.texts]
+
+
+def interval_bars(cis: dict[str, dict], path: Path, title: str, xlabel: str) -> None:
+    values = [[c[key] for c in cis.values()] for key in ("estimate", "low", "high")]
+    viz.bars_with_interval(list(cis), *values, path, title=title, xlabel=xlabel)
+
+
+# ---- the study ------------------------------------------------------------------------------
+def study(s: Settings, report: C.Report) -> None:
+    out = Path(s.out)
+    with report.step("data"):
+        texts, groups = read_sets(s)
+        cult = [i for i, g in enumerate(groups) if g == s.cultural_group]
+        ctrl = [i for i, g in enumerate(groups) if g != s.cultural_group]
+        held = sorted(random.Random(s.seed).sample(cult, round(s.heldout_frac * len(cult))))
+        train = sorted(set(cult) - set(held))
+        report["methods"] = TEXT["methods"]
+        report["data"] = {
+            "source": s.data or "examples/data/sae",
+            "sets": Counter(groups),
+            "sae_train_cultural": len(train),
+            "heldout_cultural": len(held),
+            "validation_control": len(ctrl),
+        }
+
+    with report.step("base"):
+        model = C.load(s, s.base_model or s.model)
+        layers = sorted({C.layer_at(f, int(model.cfg.n_layers)) for f in s.layers})
+        mid = layers[len(layers) // 2]
+        acts = {"base": pooled(model, texts, layers, s)}
+
+    with report.step("chat"):
+        if s.chat_model is None:
+            report["chat_training"] = lora_chat(model, s)  # the adapter stays on: the chat model
+            report["limitation"] = TEXT["limitation"]
+        else:
+            del model
+            release()
+            model = C.load(s, s.chat_model)
+            report["chat_training"] = {"kind": "separate_checkpoint"}
+        acts["chat"] = pooled(model, texts, layers, s)
+        if acts["chat"][mid].shape != acts["base"][mid].shape:
+            raise ValueError("base and chat models have different widths: there is no delta")
+        acts["delta"] = {ly: acts["chat"][ly] - acts["base"][ly] for ly in layers}
+        if all(float(acts["delta"][ly].abs().max()) == 0 for ly in layers):
+            raise ValueError("base and chat activations are identical: nothing to compare")
+        rel = {
+            ly: acts["delta"][ly].norm(dim=1).mean() / acts["base"][ly].norm(dim=1).mean()
+            for ly in layers
+        }
+        report["model"] = {
+            "base": s.base_model or s.model,
+            "chat": s.chat_model or "base+LoRA",
+            "n_layers": int(model.cfg.n_layers),
+            "layers": layers,
+            "mid": mid,
+            "delta_norm_over_base_norm": rel,
+        }
+
+    saes, scales, codes, rows = {}, {}, {}, []
+    cfg = SAETrainConfig(
+        lr=s.sae_lr,
+        max_steps=s.sae_steps,
+        warmup_steps=min(20, s.sae_steps),
+        seed=s.seed,
+        dead_tokens=s.dead_window * s.sae_batch,
+        resample_every=s.resample_every,
+        progress=False,
+    )
+    d_sae = max(s.k + 1, round(s.sae_mult * acts["base"][mid].shape[1]))
+    with report.step("train_saes"):
+        for kind, ly in [(kind, ly) for kind in KINDS for ly in layers]:
+            x = acts[kind][ly]  # rows scaled to mean norm sqrt(d_model) on the training rows
+            hook, dev = HOOK.format(ly), model.device
+            sae, scales[kind, ly], res = train_on_rows(
+                x[train], d_sae, s.k, cfg, batch_size=s.sae_batch, hook_name=hook, device=dev
+            )
+            xs = x / scales[kind, ly]
+            saes[kind, ly], codes[kind, ly] = sae, encode(sae, xs)
+            sets = {"control": ctrl, "heldout_cultural": held, "train": train}
+            ev = {n: evaluate(sae, [xs[ix]])._asdict() for n, ix in sets.items() if ix}
+            meta = {"kind": kind, "layer": ly, "d_sae": sae.d_sae, "k": sae.k}
+            rows.append({**meta, "train_dead_fraction": res.history[-1].dead_fraction, **ev})
+        report["saes"] = rows
+    fvu = [[r["control"]["fvu"] for r in rows if r["kind"] == kd] for kd in KINDS]
+    title = "SAE FVU on the control sets (trained on cultural)"
+    viz.heatmap(
+        fvu, layers, KINDS, title, out / "sae_validation.png", xlabel="layer", annotate=True
+    )
+
+    with report.step("cohens_d"):
+        report["cohens_d"] = per_layer = {}
+        for ly in layers:
+            zc = codes["chat", ly]
+            zb = encode(saes["chat", ly], acts["base"][ly] / scales["chat", ly])
+            tests = feature_tests(zc, zb, s)
+            for r in tests[: s.n_ci]:
+                j = r["feature"]
+                ci = stats.paired_bootstrap_ci(
+                    stats.cohens_d, zc[:, j], zb[:, j], n_boot=s.n_boot, seed=s.seed
+                )
+                r["ci"] = ci.as_dict()
+                z = torch.maximum(zc[:, j], zb[:, j])  # a feature may fire under one model only
+                top = [i for i in z.argsort(descending=True)[: s.top_examples].tolist() if z[i] > 0]
+                r["top_examples"] = [
+                    dict(text=texts[i], group=groups[i], chat=float(zc[i, j]), base=float(zb[i, j]))
+                    for i in top
+                ]
+            sig = [r for r in tests if r["p_bh"] < 0.05]
+            per_layer[ly] = {
+                "n_features_tested": len(tests),
+                "n_bh_significant": len(sig),
+                "n_abs_d_gt_0.8_and_bh": sum(abs(r["d"]) > 0.8 for r in sig),
+                "max_abs_d": max((abs(r["d"]) for r in tests), default=None),
+                "top": tests[: s.n_ci],
+                "ranked": [r["feature"] for r in tests],
+            }
+    top = per_layer[mid]["top"]
+    interval_bars(
+        {f"f{r['feature']}": r["ci"] for r in top},
+        out / "cohens_d.png",
+        f"layer {mid}: top chat-SAE features (BH-significant first, by |d|)",
+        "Cohen's d (chat − base), paired bootstrap 95% CI",
+    )
+
+    with report.step("clustering"):
+        emb, how = embeddings(texts, acts["base"][mid], s.embed)
+        report["clustering"] = {"embedding": how, **cluster(codes, emb, s)}
+
+    with report.step("causal"):
+        clean = score(model, texts, batch_size=s.batch_size).nll
+        rng, causal = torch.Generator().manual_seed(s.seed), {}
+        for ly in [mid] if s.causal_layers == "mid" else layers:
+            rate = (codes["chat", ly] > 0).float().mean(0)  # firing rate over all sentences
+            tested = per_layer[ly]["ranked"][: s.n_causal]
+            sae, scale = saes["chat", ly], scales["chat", ly]
+            args = (model, texts, groups, cult, ctrl, clean, sae, scale, rate, tested, s, rng, ly)
+            causal[ly] = causal_layer(*args)
+        verdicts(causal, s.n_random)
+        report["causal"] = causal
+        interval_bars(
+            {f"layer {ly}": r["contrast"] for ly, r in causal.items()},
+            out / "causal_effect.png",
+            "cultural specificity: tested − matched random",
+            "SI(tested) − mean SI(matched random), bootstrap 95% CI",
+        )
+    del model
+    release()
+
+    with report.step("labels"):
+        for r, text in zip(top, label_features(s, top) if s.label_model else [], strict=False):
+            r["label"] = text
+        report["labels"] = {"model": s.label_model, "labels": [r.get("label") for r in top]}
+    d, cl = per_layer[mid], report["clustering"]["max_enrichment_test"]
+    report["headline"] = {  # the numbers the docs quote, each next to its comparison
+        "mean_control_fvu": {kd: sum(v) / len(v) for kd, v in zip(KINDS, fvu, strict=True)},
+        "mid_layer": mid,
+        "mid_features_bh_significant": [d["n_bh_significant"], d["n_features_tested"]],
+        "mid_features_abs_d_gt_0.8_and_bh": d["n_abs_d_gt_0.8_and_bh"],
+        "max_delta_enrichment": [cl["statistic"], cl["p_value"]],
+        "causal": {ly: [r["verdict"], r["contrast"]] for ly, r in causal.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     s = Settings.parse(argv, NAME, __doc__)
     C.setup(s)
-    C.run_study(NAME, QUESTION, s, argv, s, lambda report: study(s, report))
+    C.run_study(NAME, TEXT["question"], s, argv, s, lambda report: study(s, report))
     return 0
 
 
