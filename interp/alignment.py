@@ -44,16 +44,19 @@ from jaxtyping import Float, UInt8
 from torch import Tensor
 
 from interp.directions import Direction, LayerDict, random_directions, stack_layers
-from interp.stats import Interval, bootstrap_ci, paired_bootstrap_ci
+from interp.stats import Interval, bootstrap_ci, paired_bootstrap_ci, sign_flip_test
 
 __all__ = [
     "Alignment",
     "ConditionComparison",
+    "LayerAverage",
     "LossMatch",
     "NullBand",
     "compare_conditions",
     "gradient_alignment",
+    "layer_average",
     "random_direction_null",
+    "report_comparison",
     "select_loss_matched",
     "select_loss_matched_prompt",
 ]
@@ -481,3 +484,82 @@ def select_loss_matched_prompt(
     losses = {name: loss_of(prompt) for name, prompt in named.items()}
     target_loss = loss_of(target) if isinstance(target, str) else float(target)
     return select_loss_matched(losses, target_loss, n_boot=n_boot, level=level, seed=seed)
+
+
+@dataclass(frozen=True)
+class LayerAverage:
+    """A :class:`ConditionComparison` averaged over its layers (:func:`layer_average`).
+
+    Attributes:
+        delta_cos: change of the per-example layer-averaged cosine, with a bootstrap
+            interval over examples.
+        null_low, null_high: the ``level`` band of the same change for the random
+            directions (each direction's change averaged over the layers).
+        p_null: share of random directions whose ``|change|`` is at least the trait
+            direction's, ``(1 + #) / (1 + N)``.
+    """
+
+    delta_cos: Interval
+    null_low: float
+    null_high: float
+    p_null: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "delta_cos": self.delta_cos.as_dict(),
+            "null_low": self.null_low,
+            "null_high": self.null_high,
+            "p_null": self.p_null,
+        }
+
+
+def layer_average(
+    a: Alignment,
+    b: Alignment,
+    comparison: ConditionComparison,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> LayerAverage:
+    """One test over all layers instead of one per layer: the change of the mean cosine
+    from ``a`` to ``b`` with each example's cosines averaged over the layers, against
+    ``comparison``'s random directions averaged the same way (``comparison`` =
+    ``compare_conditions(a, b, null)``; paired as it was)."""
+    if a.layers != comparison.layers or b.layers != comparison.layers:
+        raise ValueError(f"layers differ: a {a.layers}, b {b.layers}, {comparison.layers}")
+    boot = paired_bootstrap_ci if comparison.paired else bootstrap_ci
+    x, y = a.cos.mean(1), b.cos.mean(1)
+    ci = boot(_mean_diff, x, y, n_boot=n_boot, level=level, seed=seed)
+    band = comparison.null_delta.mean(1)
+    as_big = int((band.abs() >= abs(ci.estimate)).sum())
+    return LayerAverage(
+        delta_cos=ci,
+        null_low=float(_quantile(band, (1 - level) / 2)),
+        null_high=float(_quantile(band, (1 + level) / 2)),
+        p_null=(1 + as_big) / (1 + band.shape[0]),
+    )
+
+
+def report_comparison(
+    a: Alignment,
+    b: Alignment,
+    null: NullBand,
+    *,
+    n_perm: int = 9999,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything about the change from ``a`` to ``b`` in one JSON-ready dict: the
+    :func:`compare_conditions` summary (per-layer change with intervals, random-direction
+    band and ``p_null``), per-layer sign-flip p-values of the paired per-example change of
+    cos (``p_sign_flip``, ``n_perm`` flips; needs equal ``n``) and the
+    :func:`layer_average` test (``layer_average``)."""
+    comp = compare_conditions(a, b, null, n_boot=n_boot, level=level, seed=seed)
+    flips = [
+        sign_flip_test(b.cos[:, i], a.cos[:, i], n_perm=n_perm, seed=seed).p_value
+        for i in range(a.cos.shape[1])
+    ]
+    average = layer_average(a, b, comp, n_boot=n_boot, level=level, seed=seed)
+    return {**comp.summary(), "p_sign_flip": flips, "layer_average": average.summary()}

@@ -37,7 +37,16 @@ from torch import Tensor
 
 from interp.positions import Batch
 
-__all__ = ["PlainFormat", "char_span_to_tokens", "encode", "render"]
+__all__ = [
+    "PlainFormat",
+    "char_span_to_tokens",
+    "check_generation_prefix",
+    "conversations",
+    "encode",
+    "render",
+    "thinking_kwargs",
+    "training_examples",
+]
 
 Message = Mapping[str, str]
 
@@ -304,3 +313,79 @@ def encode(
         offsets=offs,
     )
     return batch.to(device) if device is not None else batch
+
+
+def thinking_kwargs(tokenizer: Any, enable_thinking: bool = False) -> dict[str, Any]:
+    """Template keyword arguments for a thinking switch: ``{"enable_thinking": ...}`` for
+    templates that read it (Qwen3), ``{}`` for the others; asking to leave thinking on with
+    a template that has no such switch raises ``ValueError``."""
+    if "enable_thinking" in (getattr(tokenizer, "chat_template", None) or ""):
+        return {"enable_thinking": enable_thinking}
+    if enable_thinking:
+        raise ValueError("this model's chat template has no thinking switch (enable_thinking)")
+    return {}
+
+
+def check_generation_prefix(
+    tokenizer: Any, conversation: Sequence[Message], **template_kwargs: Any
+) -> dict[str, Any]:
+    """Check that a teacher-forced conversation (ending with the assistant's answer) reads
+    its positions where a generation would: its tokens up to ``pre_assistant`` must be
+    exactly the generation prompt's (the conversation without the answer); ``RuntimeError``
+    otherwise (e.g. a thinking template left with thinking on, whose generation prompt
+    stops before the empty think block the answer gets). Returns the teacher-forced
+    ``text``, the ``chat_template_kwargs``, each named position's ``index`` and decoded
+    ``token``."""
+    forced = encode(tokenizer, [conversation], padding_side="right", **template_kwargs)
+    prompt = encode(tokenizer, [conversation[:-1]], **template_kwargs)
+    pos = {k: int(v[0]) for k, v in forced.positions.items()}
+    ids = forced.input_ids[0].tolist()
+    if ids[: pos["pre_assistant"] + 1] != prompt.input_ids[0].tolist():
+        raise RuntimeError(
+            f"pre_assistant does not end the generation prompt ({template_kwargs}): "
+            f"{forced.texts[0]!r}"
+        )
+    tokens = {k: tokenizer.decode([ids[i]]) for k, i in pos.items()}
+    return {
+        "text": forced.texts[0],
+        "chat_template_kwargs": dict(template_kwargs),
+        "index": pos,
+        "token": tokens,
+    }
+
+
+def conversations(
+    system: str | Sequence[str] | None,
+    users: Sequence[str],
+    answers: Sequence[str] | None = None,
+) -> list[list[dict[str, str]]]:
+    """One conversation per user message: a system message first (a list of system prompts
+    is cycled through; ``None``: no system message), the user's message, and the
+    assistant's answer where ``answers`` (one per user message) are given."""
+    systems = [system] if system is None or isinstance(system, str) else list(system)
+    if not systems:
+        raise ValueError("conversations: an empty list of system prompts")
+    if answers is not None and len(answers) != len(users):
+        raise ValueError(f"{len(answers)} answers for {len(users)} user messages")
+    out = []
+    for i, user in enumerate(users):
+        sys_prompt = systems[i % len(systems)]
+        conv = [] if sys_prompt is None else [{"role": "system", "content": sys_prompt}]
+        conv.append({"role": "user", "content": user})
+        if answers is not None:
+            conv.append({"role": "assistant", "content": answers[i]})
+        out.append(conv)
+    return out
+
+
+def training_examples(
+    tokenizer: Any, conversations: Sequence[Sequence[Message]], **template_kwargs: Any
+) -> list[dict[str, list[int]]]:
+    """Token-level training examples as ``interp.train`` takes them, from teacher-forced
+    conversations rendered by the chat template (``encode``): ``input_ids`` without padding
+    and a ``loss_mask`` on the assistant's content tokens (the ``assistant`` mask)."""
+    batch = encode(
+        tokenizer, [list(c) for c in conversations], padding_side="right", **template_kwargs
+    )
+    rows = zip(batch.input_ids, batch.masks["assistant"], batch.attention_mask.sum(1), strict=True)
+    return [{"input_ids": i[:n].tolist(), "loss_mask": m[:n].tolist()} for i, m, n in rows]

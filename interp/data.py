@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,12 +33,14 @@ from typing import Any, Literal
 __all__ = [
     "FORMATS",
     "GSM8KAnswer",
+    "disjoint_splits",
     "extract_answer",
     "is_correct",
     "load_gsm8k",
     "load_records",
     "parse_gsm8k",
     "read_dataset",
+    "stratified_splits",
     "strip_calculator_annotations",
 ]
 
@@ -333,4 +336,47 @@ def load_gsm8k(
                 "value": parsed.value,
             }
         )
+    return out
+
+
+def disjoint_splits(
+    items: Sequence[Any], sizes: Mapping[str, int], rng: random.Random | int = 0
+) -> dict[str, list[Any]]:
+    """Disjoint splits of ``items``: one shuffle (``rng.sample``; an int seeds a
+    ``random.Random``), then consecutive slices of the given sizes, in the order of
+    ``sizes``. Raises ``ValueError`` when the sizes add up to more than the items."""
+    if any(n < 0 for n in sizes.values()):
+        raise ValueError(f"split sizes must be >= 0, got {dict(sizes)}")
+    total = sum(sizes.values())
+    if total > len(items):
+        raise ValueError(f"splits {dict(sizes)} need {total} items; the data has {len(items)}")
+    rng = random.Random(rng) if isinstance(rng, int) else rng
+    order = rng.sample(list(items), len(items))
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name], start = order[start : start + n], start + n
+    return out
+
+
+def stratified_splits(
+    items: Sequence[Mapping[str, Any]],
+    key: str,
+    sizes: Mapping[str, int],
+    rng: random.Random | int = 0,
+) -> dict[str, list[Any]]:
+    """:func:`disjoint_splits` within each group of ``items`` (rows grouped by
+    ``row[key]``, groups in sorted order, one shuffle per group): every split gets
+    ``sizes[split]`` rows of every group. Raises ``ValueError`` for a group too small."""
+    rng = random.Random(rng) if isinstance(rng, int) else rng
+    groups: dict[Any, list[Any]] = {}
+    for row in items:
+        groups.setdefault(row[key], []).append(row)
+    out: dict[str, list[Any]] = {name: [] for name in sizes}
+    for g in sorted(groups):
+        try:
+            parts = disjoint_splits(groups[g], sizes, rng)
+        except ValueError as e:
+            raise ValueError(f"{key} {g!r}: {e}") from None
+        for name, rows in parts.items():
+            out[name] += rows
     return out

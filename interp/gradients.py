@@ -17,7 +17,7 @@ forward pass); the activations returned are those of the forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from interp.checkpointing import checkpointing, is_recomputing
 from interp.hooks import HookPoint
 from interp.positions import Batch, as_batch, running, selector
 
-__all__ = ["GradientCapture", "capture_grads"]
+__all__ = ["GradientCapture", "capture_grads", "capture_grads_dataset"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,44 @@ def capture_grads(
         activations=ActivationCache({n: acts[n] for n in resolved}) if return_activations else None,
         logits=logits.detach(),
     )
+
+
+def capture_grads_dataset(
+    model: Any,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    loss_fn: Callable[[Tensor, Batch], Tensor],
+    names: Sequence[str],
+    positions: Any,
+    *,
+    batch_size: int = 8,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    desc: str = "gradients",
+) -> tuple[Float[Tensor, " n"], dict[str, Float[Tensor, "n *pos d_model"]]]:
+    """:func:`capture_grads` over many teacher-forced conversations, ``batch_size`` at a
+    time (right-padded by ``interp.chat.encode`` with ``chat_template_kwargs``, e.g.
+    ``{"enable_thinking": False}``): the per-example losses ``[n]`` and, per hook name,
+    the gradients at ``positions`` (as in ``capture``; e.g. a list of named positions
+    gives ``[n, len(positions), d_model]``), concatenated on the CPU in ``dtype``.
+    ``loss_fn(logits, batch)`` must return one loss per example."""
+    from tqdm.auto import tqdm
+
+    from interp.chat import encode
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    kw = dict(chat_template_kwargs or {})
+    losses: list[Tensor] = []
+    grads: dict[str, list[Tensor]] = {n: [] for n in names}
+    for i in tqdm(range(0, len(conversations), batch_size), desc=desc, leave=False):
+        convs = [list(c) for c in conversations[i : i + batch_size]]
+        batch = encode(model.tokenizer, convs, padding_side="right", device=model.device, **kw)
+        out = capture_grads(model, batch, loss_fn, list(names), positions)
+        if out.loss.shape != (len(convs),):
+            raise ValueError(
+                f"loss_fn must return one loss per example, got {tuple(out.loss.shape)}"
+            )
+        losses.append(out.loss.detach().to("cpu", dtype))
+        for n in names:
+            grads[n].append(out.grads[n].to("cpu", dtype))
+    return torch.cat(losses), {n: torch.cat(g) for n, g in grads.items()}

@@ -24,9 +24,10 @@ the same seed gives the same resamples.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+import statistics
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ __all__ = [
     "Interval",
     "PairedDifference",
     "PermutationTest",
+    "SeedSpread",
+    "adjust_pvalue_groups",
     "adjust_pvalues",
     "auroc",
     "benjamini_hochberg",
@@ -53,6 +56,8 @@ __all__ = [
     "paired_difference",
     "permutation_test",
     "rankdata",
+    "seed_spread",
+    "seed_spreads",
     "sign_flip_columns",
     "sign_flip_test",
     "spearman",
@@ -744,6 +749,70 @@ def sign_flip_columns(
     return ColumnTests(
         observed.cpu(), p.cpu(), n_extreme.cpu(), n_perm, 1 / (n_perm + 1), alternative
     )
+
+
+# ------------------------------------------------------------------ spread over seeds
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """One metric's values over seeds (:func:`seed_spread`).
+
+    Attributes:
+        per_seed: the values as given (``None`` / NaN kept in place).
+        n: how many of them are finite numbers (the rest are left out of the summary).
+        mean, sd, min, max: over the finite values; ``sd`` is the sample SD (``n − 1``)
+            and needs two values; all are ``None`` without a finite value.
+    """
+
+    per_seed: tuple[float | None, ...]
+    n: int
+    mean: float | None
+    sd: float | None
+    min: float | None
+    max: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "per_seed": list(self.per_seed)}
+
+
+def seed_spread(values: Sequence[float | None]) -> SeedSpread:
+    """A metric summarised over seeds: per-seed values, mean, SD, min and max of the finite
+    ones (a seed whose statistic was undefined, ``None`` or NaN, is kept in ``per_seed``
+    but left out of the summary)."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return SeedSpread(
+        per_seed=tuple(values),
+        n=len(v),
+        mean=statistics.fmean(v) if v else None,
+        sd=statistics.stdev(v) if len(v) > 1 else None,
+        min=min(v) if v else None,
+        max=max(v) if v else None,
+    )
+
+
+def seed_spreads(per_seed: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, Any]]:
+    """:func:`seed_spread` of every metric, from one ``{metric: value}`` dict per seed (the
+    first seed's metrics; a seed without one counts as ``None``), JSON-ready."""
+    if not per_seed:
+        return {}
+    return {k: seed_spread([r.get(k) for r in per_seed]).as_dict() for k in per_seed[0]}
+
+
+def adjust_pvalue_groups(
+    groups: Mapping[str, Sequence[float]],
+    method: Literal["holm", "bh"] = "holm",
+    alpha: float = 0.05,
+) -> dict[str, list[float]]:
+    """:func:`adjust_pvalues` over ONE family given as named lists (e.g. comparison ->
+    per-layer p-values): all values are adjusted together, and returned in the same
+    names and order."""
+    flat = [p for ps in groups.values() for p in ps]
+    adjusted = adjust_pvalues(flat, method=method, alpha=alpha).p_adjusted.tolist()
+    out, start = {}, 0
+    for name, ps in groups.items():
+        out[name], start = adjusted[start : start + len(ps)], start + len(ps)
+    return out
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ resumes to the same adapter. ``save_adapter``/``load_adapter`` round-trip the
 adapter through ``peft``'s format.
 
 Modules: ``config`` (``TrainConfig``), ``data`` (examples -> tensors),
-``objectives`` (losses), ``lora`` (attach/save/load), ``loop`` (``train``).
+``objectives`` (losses), ``lora`` (attach/save/load), ``loop`` (``train``), ``trial``
+(``lora_trial``: a fine-tune for the length of a ``with`` block).
 Nothing heavy is imported until used (``peft`` and ``tqdm`` load lazily).
 """
 
@@ -43,6 +44,7 @@ from interp.train.objectives import (
     batch_mask,
     weighted_sum,
 )
+from interp.train.trial import lora_trial
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -61,6 +63,7 @@ __all__ = [
     "example_losses",
     "load_adapter",
     "lora_target_names",
+    "lora_trial",
     "prepare",
     "resolve_model",
     "save_adapter",
