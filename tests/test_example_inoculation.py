@@ -1,7 +1,8 @@
 """examples/inoculation_gradients.py: an end-to-end run on a tiny bf16 model with a thinking
 chat template and a ``--data`` file written here, and the study-specific logic that could be
 wrong (the trait metric, thinking-template positions, the control chosen on a held-out batch,
-the multiplicity correction, the verdict)."""
+the multiplicity correction, the verdict). The library parts it composes have their own
+tests (test_chat_helpers, test_alignment_layer_average, test_stats_seed_spread, ...)."""
 
 from __future__ import annotations
 
@@ -112,22 +113,16 @@ def test_caps_fraction_counts_letters_only(study):
     assert study.caps_fraction("日本A") == pytest.approx(1 / 3)  # caseless letters are letters
 
 
-def test_positions_on_a_thinking_template_need_enable_thinking_false(study):
+def test_teacher_forced_text_on_a_thinking_template(study):
+    # The library checks (tests/test_chat_helpers.py); here: the study's conversations,
+    # ALL-CAPS answers, and the thinking switch the study passes.
     tok = byte_tokenizer()
     tok.chat_template = qwen3_template()
     conv = study.teacher_forced("Be brief.", [{"question": "2+2?", "answer": "four"}])[0]
-    kw = study.chat_kwargs(tok, enable_thinking=False)
-    assert kw == {"enable_thinking": False}
-    got = study.check_positions(tok, conv, kw)
+    assert [m["role"] for m in conv] == ["system", "user", "assistant"]
+    kw = study.chat.thinking_kwargs(tok, enable_thinking=False)
+    got = study.chat.check_generation_prefix(tok, conv, **kw)
     assert got["text"].endswith("<think>\n\n</think>\n\nFOUR<|im_end|>\n")
-    # Thinking left on: the generation prompt stops before the think block that the
-    # teacher-forced text has, so pre_assistant would be read at the wrong token.
-    with pytest.raises(RuntimeError, match="pre_assistant"):
-        study.check_positions(tok, conv, study.chat_kwargs(tok, enable_thinking=True))
-    chatml = byte_tokenizer()  # no thinking switch: nothing passed, and asking for one fails
-    assert study.chat_kwargs(chatml, enable_thinking=False) == {}
-    with pytest.raises(ValueError, match="no thinking switch"):
-        study.chat_kwargs(chatml, enable_thinking=True)
 
 
 def test_data_reader_takes_gsm8k_rows_and_rejects_other_columns(study, tmp_path):
