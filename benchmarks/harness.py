@@ -4,12 +4,21 @@ of that median), machine, load average and versions recorded.
 
 Every suite takes ``--device`` (runs unchanged on cuda), ``--quick`` (fewer rounds) and
 ``--model`` (an ``interp.load`` name, or ``tiny:FAMILY`` for ``interp.tiny``, which the
-tests use)."""
+tests use).
+
+Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (as
+``make bench`` sets it): idle OpenMP threads then sleep instead of spinning, so a suite's
+CPU seconds count its work, not its waiting, and a busy neighbour does not slow it
+several-fold. The OpenMP runtime may read it when torch loads, so set it in the
+environment when a suite imports torch first; ``machine_info`` records the value."""
 
 from __future__ import annotations
 
-import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json
 import platform
 import random
 import statistics
@@ -57,6 +66,7 @@ def machine_info() -> dict:
         "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
         "versions": versions,
         "loadavg_start": loadavg(),

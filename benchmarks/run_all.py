@@ -167,6 +167,14 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
                     add("workbench", size, f"{what} (time)", _ci(r), f"≤ {t}×", harness.judge(r, t), load)  # fmt: skip
                 else:
                     add("workbench", size, f"{what} (time)", _ci(r), load=load)
+    if d := read("workbench_generate"):  # the generate group alone, more rounds
+        load, t = _load(d.get("machine")), d.get("target", {}).get("generate_max_time_ratio")
+        g = d.get("generate") or {}
+        size = f"{g.get('prompts')}×{g.get('new_tokens')} new tokens, batch {g.get('batch_size')}"
+        clock = d.get("generate_clock", "wall")
+        for what, r in g.get("pairs", {}).items():
+            verdict = harness.judge(r, t) if t else ""
+            add("workbench", size, f"{what} ({clock} time, {r['rounds']} rounds)", _ci(r), f"≤ {t}×" if t else "", verdict, load)  # fmt: skip
     if d := read("patching"):
         load, size, tgt = _load(d.get("machine")), d.get("size", ""), d.get("target", {})
         r = d.get("timing", {}).get("interp activation patching")
