@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from interp.sae.model import SAEModule
+
 __all__ = ["SAE", "DenseSAEConfig", "JumpReLUSAE", "StandardSAE"]
 
 
@@ -75,7 +77,7 @@ class DenseSAEConfig:
         return asdict(self)
 
 
-class StandardSAE(nn.Module):
+class StandardSAE(SAEModule):
     """ReLU SAE (SAELens ``"standard"``): z = ReLU((x − b_dec) W_enc + b_enc), x̂ = z W_dec + b_dec."""
 
     architecture = "standard"
@@ -99,24 +101,6 @@ class StandardSAE(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
-    def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_sae={self.d_sae}"
-
-    def _cast_in(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.d_in:
-            raise ValueError(
-                f"expected activations with last dim d_in={self.d_in}, got {tuple(x.shape)}"
-            )
-        return x.to(self.W_enc.dtype)
 
     def pre_activations(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """(x − b_dec · apply_b_dec_to_input) W_enc + b_enc, as SAELens computes it."""

@@ -82,7 +82,33 @@ class SAEOutput(NamedTuple):
     auxk_loss: Tensor
 
 
-class TopKSAE(nn.Module):
+class SAEModule(nn.Module):
+    """What every SAE class shares: ``cfg.d_in`` / ``cfg.d_sae`` as properties, and the input
+    check and cast (last dim ``d_in``, to the encoder's dtype)."""
+
+    cfg: Any
+    W_enc: nn.Parameter
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_sae={self.d_sae}"
+
+    def _cast_in(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"expected activations with last dim d_in={self.d_in}, got {tuple(x.shape)}"
+            )
+        return x.to(self.W_enc.dtype)
+
+
+class TopKSAE(SAEModule):
     """TopK sparse autoencoder: z = TopK(ReLU(W_enc (x − b_dec) + b_enc)), x̂ = W_dec z + b_dec."""
 
     W_enc: nn.Parameter
@@ -121,28 +147,13 @@ class TopKSAE(nn.Module):
         return cls(**cfg.to_dict(), generator=generator)
 
     @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
-    @property
     def k(self) -> int:
         return self.cfg.k
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}"
+        return f"{super().extra_repr()}, k={self.k}"
 
     # ---- encode / decode -------------------------------------------------------------
-
-    def _cast_in(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.d_in:
-            raise ValueError(
-                f"expected activations with last dim d_in={self.d_in}, got {tuple(x.shape)}"
-            )
-        return x.to(self.W_enc.dtype)
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> TopKActivations:
         """Top-k latents of ``x`` as (indices, values), each ``[*batch, k]``."""
