@@ -44,7 +44,7 @@ from jaxtyping import Float, UInt8
 from torch import Tensor
 
 from interp.directions import Direction, LayerDict, random_directions, stack_layers
-from interp.stats import Interval, bootstrap_ci, paired_bootstrap_ci, sign_flip_test
+from interp.stats import Interval, bootstrap_ci, paired_bootstrap_ci, sign_flip_columns
 
 __all__ = [
     "Alignment",
@@ -557,9 +557,6 @@ def report_comparison(
     cos (``p_sign_flip``, ``n_perm`` flips; needs equal ``n``) and the
     :func:`layer_average` test (``layer_average``)."""
     comp = compare_conditions(a, b, null, n_boot=n_boot, level=level, seed=seed)
-    flips = [
-        sign_flip_test(b.cos[:, i], a.cos[:, i], n_perm=n_perm, seed=seed).p_value
-        for i in range(a.cos.shape[1])
-    ]
+    flips = sign_flip_columns(b.cos, a.cos, n_perm=n_perm, seed=seed).p_value.tolist()
     average = layer_average(a, b, comp, n_boot=n_boot, level=level, seed=seed)
     return {**comp.summary(), "p_sign_flip": flips, "layer_average": average.summary()}
