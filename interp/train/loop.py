@@ -104,6 +104,25 @@ def _diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _prepare_run(
+    model: Any,
+    examples: Sequence[Mapping[str, Any]],
+    config: TrainConfig,
+    tokenizer: Any,
+) -> tuple[nn.Module, list[dict[str, list[int]]], int]:
+    """What both training paths start from: the ``PeftModel`` (LoRA attached per ``config``
+    unless the model already is one), the prepared examples (raises on none) and the pad
+    id (the tokenizer's, default ``model.tokenizer``; 0 without one)."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    base = resolve_model(model)
+    peft_model = base if _is_peft(base) else apply_lora(base, config)
+    items = prepare(examples, tokenizer)
+    if not items:
+        raise ValueError("no training examples")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return peft_model, items, 0 if pad_id is None else int(pad_id)
+
+
 def train(
     model: Any,
     examples: Sequence[Mapping[str, Any]],
@@ -135,15 +154,9 @@ def train(
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     base = resolve_model(model)
     was_training = base.training
-    peft_model = base if _is_peft(base) else apply_lora(base, config)
-    items = prepare(examples, tokenizer)
-    if not items:
-        raise ValueError("no training examples")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
+    peft_model, items, pad_id = _prepare_run(model, examples, config, tokenizer)
 
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     if not named:

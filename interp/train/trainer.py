@@ -34,9 +34,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from interp.positions import Batch
 from interp.train.config import TrainConfig
-from interp.train.data import MASK_KEYS, collate, prepare
-from interp.train.loop import cosine_with_warmup
-from interp.train.lora import _is_peft, apply_lora, resolve_model
+from interp.train.data import MASK_KEYS, collate
+from interp.train.loop import _prepare_run, cosine_with_warmup
 from interp.train.objectives import LossFn
 
 __all__ = ["LossTrainer", "TrainerResult", "train_trainer", "training_arguments"]
@@ -254,14 +253,7 @@ def train_trainer(
     data parallelism: ``config.batch_size`` is then per process.
     """
     config = config or TrainConfig()
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    base = resolve_model(model)
-    peft_model = base if _is_peft(base) else apply_lora(base, config)
-    items = prepare(examples, tokenizer)
-    if not items:
-        raise ValueError("no training examples")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
+    peft_model, items, pad_id = _prepare_run(model, examples, config, tokenizer)
     out = Path(output_dir)
     args = training_arguments(config, out, len(items), disable_tqdm=not progress, **training_args)
     extra = list(callbacks)
