@@ -134,6 +134,11 @@ SCRIPT = textwrap.dedent(
     if result.trainer.args.process_index == 0:
         torch.save({n: p.detach() for n, p in result.model.named_parameters() if "lora_" in n},
                    out + "/weights.pt")
+    # Leave the gloo group before exit: a process exiting with it alive can abort
+    # ("terminate called without an active exception") while its peer still talks to it.
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
     """
 )
 
