@@ -1292,10 +1292,11 @@ def capture_dataset(
         batches = _iter_batches(model, data, batch_size, chat)
         for w, (window, sortable) in enumerate(_windows(batches, length_window)):
             sort = sortable and length_window > 1
-            n = sum(len(chunk) for chunk in window)
-            if w % world_size != rank:  # another rank's window
+            size = sum(len(chunk) for chunk in window)
+            if w % world_size != rank:  # another rank's window: named, counted, not run
                 first = len(shards)
                 shards.extend([_shard_name(first + i) for i in range(len(window))])
+                bar.update(size)
             elif out is None:
                 rows = [r for chunk in window for r in chunk]
                 parts.append(
@@ -1304,7 +1305,6 @@ def capture_dataset(
                         bar.update,
                     )
                 )  # fmt: skip
-                n = 0  # counted by the passes
             else:
                 done = _shards(
                     model, out, len(shards), window, resolved, plan, dtype, stop, offset,
@@ -1312,9 +1312,7 @@ def capture_dataset(
                 )  # fmt: skip
                 shards.extend(done)
                 mine.extend(done)
-                n = 0
-            bar.update(n)
-            offset += sum(len(chunk) for chunk in window)
+            offset += size
     finally:
         bar.close()
     if offset == 0:
