@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,11 +110,10 @@ def test_torchrun_two_processes_equal_one(llama, tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(
-        tuple(int(v) for v in line.split()[1:])
-        for line in proc.stdout.splitlines()
-        if line.startswith("RESULT")
-    )
+    # Two ranks share one stdout pipe: print may write the text and its newline apart, so
+    # one rank's line can land inside the other's; find the records, not lines.
+    found = re.findall(r"RESULT (\d+) (\d+) (\d+)", proc.stdout)
+    results = sorted(tuple(int(v) for v in r) for r in found)
     rows = len(single)
     assert results == [(0, 8, rows), (1, 5, rows)]  # each rank ran its windows, got them all
     _same(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,7 +195,8 @@ def test_torchrun_two_processes_train_the_one_process_sae(tmp_path, data, full):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(line.split()[1:] for line in proc.stdout.splitlines() if "RESULT" in line)
+    # Both ranks print to one pipe, and a line can land inside the other's: find the records.
+    results = sorted(list(r) for r in re.findall(r"RESULT (\d+) (\d+) (\d+)", proc.stdout))
     assert results == [["0", "10", "2"], ["1", "10", "2"]]
     a = load_file(str(Path(full["settings"]["out"]) / "sae" / "sae_weights.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "sae" / "sae_weights.safetensors"))
