@@ -1,15 +1,13 @@
-"""Shared helpers for the example studies: CLI, model loading, reports, plots, progress.
+"""Shared helpers for the example studies: settings, model loading, reports, progress.
 
-Every ``examples/NAME.py`` takes the same flags (``--quick``, ``--model``,
-``--device``, ``--seed``, ``--out``; see ``DESIGN.md``), writes
-``report.json`` and PNG plots into its output folder, and exits non-zero on
-failure. This module holds only what all of them need:
+Every ``examples/NAME.py`` takes the same flags (those of :class:`Settings`), writes
+``report.json`` and PNG plots (``interp.viz``) into its output folder, and exits non-zero
+on failure. This module holds only what all of them need:
 
 * :class:`Settings` / :func:`field` — one settings mechanism for all studies: a dataclass
   per study (subclassing :class:`Settings`, which holds the common flags), the full run as
   its defaults, ``QUICK`` as the ``--quick`` preset, and every field a command-line flag
   (:meth:`Settings.parse`);
-* :func:`parser` — the older argparse entry (kept for ``demo.py``-style scripts);
 * :func:`setup` / :func:`load_model` — threads, seeds, and ``--model`` specs with
   ``--dtype`` / ``--device`` / ``--device-map``, including ``tiny:<family>`` for tests
   (``interp.tiny``); :func:`layer_at` turns a fraction of depth into a layer;
@@ -17,8 +15,6 @@ failure. This module holds only what all of them need:
   after every step, with per-step wall times from :meth:`Report.step` and the
   final status from :meth:`Report.running`; :func:`environment` for its header;
   :func:`run_study` puts them together as a study's ``main``;
-* :func:`pyplot` / :func:`savefig` — matplotlib on the Agg backend, PNGs
-  written atomically;
 * :func:`progress`, :func:`log`, :func:`read_jsonl`, :func:`evenly_spaced`.
 
 Import it before ``torch``: it sets ``OMP_WAIT_POLICY=PASSIVE`` (unless
@@ -40,6 +36,7 @@ import json
 import math
 import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
@@ -57,13 +54,10 @@ __all__ = [
     "load",
     "load_model",
     "log",
-    "parser",
     "progress",
-    "pyplot",
     "read_jsonl",
     "run",
     "run_study",
-    "savefig",
     "setup",
     "stage",
     "write_json",
@@ -181,10 +175,7 @@ class Settings:
 def _unwrap(hint: Any) -> tuple[Any, bool]:
     """``(type, optional)`` of a field annotation: ``int | None`` is ``(int, True)``."""
     args = get_args(hint)
-    if (
-        get_origin(hint) in (Union, getattr(__import__("types"), "UnionType", Union))
-        and type(None) in args
-    ):
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return rest[0], True
     return hint, False
@@ -206,36 +197,9 @@ def layer_at(fraction: float, n_layers: int) -> int:
     return min(n_layers - 1, round(fraction * (n_layers - 1)))
 
 
-# -- command line ------------------------------------------------------------------------------
-def parser(name: str, description: str) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with the flags every example takes."""
-    p = argparse.ArgumentParser(
-        prog=f"examples/{name}.py",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--quick", action="store_true", help="small settings for a fast CPU run")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="embedded name, local path, hub id, or tiny:<family> (random test model); "
-        f"default {DEFAULT_MODEL}",
-    )
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data splits, sampling, training")
-    p.add_argument("--out", default=f"runs/{name}", help=f"output folder (default runs/{name})")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: min(2, cpu count))",
-    )
-    return p
-
-
-def setup(args: Any) -> None:
-    """Apply ``--threads`` and the (first) seed to torch (``args``: :class:`Settings` or an
-    ``argparse.Namespace`` from :func:`parser`)."""
+# -- run setup -------------------------------------------------------------------------------
+def setup(args: Settings) -> None:
+    """Apply ``--threads`` and the (first) seed of :class:`Settings` to torch."""
     import torch
 
     threads = args.threads or max(1, min(2, os.cpu_count() or 1))
@@ -352,7 +316,7 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def environment(args: Any) -> dict[str, Any]:
+def environment(args: Settings) -> dict[str, Any]:
     """Versions, device, dtype, GPU name, threads and the load average at the start, for
     ``report.json`` (wall times on a shared CPU depend on the neighbours; the load says how
     busy it was)."""
@@ -363,9 +327,7 @@ def environment(args: Any) -> dict[str, Any]:
     import interp
 
     gpu = None
-    if torch.cuda.is_available() and (
-        "cuda" in str(args.device) or getattr(args, "device_map", None)
-    ):
+    if torch.cuda.is_available() and ("cuda" in str(args.device) or args.device_map):
         gpu = torch.cuda.get_device_name(
             torch.device(args.device) if "cuda" in str(args.device) else 0
         )
@@ -374,8 +336,8 @@ def environment(args: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "interp": interp.__version__,
         "device": args.device,
-        "device_map": getattr(args, "device_map", None),
-        "dtype": getattr(args, "dtype", "float32"),
+        "device_map": args.device_map,
+        "dtype": args.dtype,
         "gpu": gpu,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -458,51 +420,26 @@ def stage(
     return json.loads(path.read_text(encoding="utf-8"))["value"]
 
 
-# -- plots -------------------------------------------------------------------------------------
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def savefig(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
-    """Save a figure as PNG atomically and close it."""
-    plt = pyplot()
-    try:
-        return atomic_write(
-            path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        )
-    finally:
-        plt.close(fig)
-
-
 # -- entry point -------------------------------------------------------------------------------
 def run_study(
     name: str,
     question: str,
-    args: Any,
+    settings: Settings,
     argv: Sequence[str] | None,
-    settings: Mapping[str, Any] | Settings,
     body: Callable[[Report], None],
 ) -> Report:
-    """A study's ``main`` after its arguments are parsed: a :class:`Report` in ``args.out``
-    with the question, command line, settings, seed and :func:`environment`; ``body(report)``
-    under :meth:`Report.running`; the report's path and wall time logged. With
-    :class:`Settings`, pass the same object as ``args`` and ``settings``."""
-    if isinstance(settings, Settings):
-        settings = settings.asdict()
+    """A study's ``main`` after its settings are parsed: a :class:`Report` in
+    ``settings.out`` with the question, command line, settings, seed and
+    :func:`environment`; ``body(report)`` under :meth:`Report.running`; the report's path
+    and wall time logged."""
     report = Report(
-        args.out,
+        settings.out,
         study=name,
         question=question,
         command=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
-        settings=dict(settings),
-        seed=args.seed,
-        environment=environment(args),
+        settings=settings.asdict(),
+        seed=settings.seed,
+        environment=environment(settings),
     )
     with report.running():
         body(report)

@@ -250,7 +250,7 @@ def probe_analysis(acts: torch.Tensor, counts: torch.Tensor, y: torch.Tensor,
 def main(argv: Sequence[str] | None = None) -> int:
     s = Settings.parse(argv, NAME, __doc__)
     C.setup(s)
-    C.run_study(NAME, QUESTION, s, argv, s, lambda report: study(s, report))
+    C.run_study(NAME, QUESTION, s, argv, lambda report: study(s, report))
     return 0
 
 

@@ -350,7 +350,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     s = Inoculation.parse(argv, NAME, __doc__)
     C.setup(s)
-    C.run_study(NAME, TEXT["question"], s, argv, s, lambda report: _run(s, report, Path(s.out)))
+    C.run_study(NAME, TEXT["question"], s, argv, lambda report: _run(s, report, Path(s.out)))
     return 0
 
 

@@ -392,7 +392,7 @@ def body(s: Settings, report) -> None:
 def main(argv=None) -> int:
     s = Settings.parse(argv, NAME, __doc__)
     C.setup(s)
-    C.run_study(NAME, QUESTION, s, argv, s, lambda report: body(s, report))
+    C.run_study(NAME, QUESTION, s, argv, lambda report: body(s, report))
     return 0
 
 

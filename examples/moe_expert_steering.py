@@ -250,7 +250,7 @@ def compare(evals: dict[str, Any], s: Settings) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     s = Settings.parse(argv, NAME, __doc__)
     C.setup(s)
-    C.run_study(NAME, QUESTION, s, argv, s, lambda report: run(s, report, Path(s.out)))
+    C.run_study(NAME, QUESTION, s, argv, lambda report: run(s, report, Path(s.out)))
     return 0
 
 

@@ -464,7 +464,7 @@ def study(s: Settings, report: C.Report) -> None:
 def main(argv: list[str] | None = None) -> int:
     s = Settings.parse(argv, NAME, __doc__)
     C.setup(s)
-    C.run_study(NAME, TEXT["question"], s, argv, s, lambda report: study(s, report))
+    C.run_study(NAME, TEXT["question"], s, argv, lambda report: study(s, report))
     return 0
 
 
