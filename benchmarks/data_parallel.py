@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
         from interp import runs
 
         model = harness.load_model(args.model, device=args.device)
-        texts = _texts(args.texts)
+        texts = harness.calibration_texts("text", args.texts)
         layer = model.cfg.n_layers // 2
         name = f"blocks.{layer}.hook_resid_post"
         local = {"rank": 0, "world_size": 1}
@@ -99,16 +99,6 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"seconds": seconds, "amount": amount}), flush=True)
     if world > 1:
         dist.destroy_process_group()
-
-
-def _texts(n: int) -> list[str]:
-    """The workbench benchmark's texts (interp's bundled calibration set), cycled to ``n``."""
-    import interp
-
-    path = Path(interp.__file__).parent / "_data" / "moefy_calibration.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    texts = [r["text"] for r in rows if r.get("kind") == "text"]
-    return [texts[i % len(texts)] for i in range(n)]
 
 
 def launch(args: argparse.Namespace, workload: str, procs: int) -> dict:

@@ -42,6 +42,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def calibration_texts(kind: str, n: int) -> list[str]:
+    """``n`` items of ``kind`` (``"prompt"`` or ``"text"``) of interp's bundled calibration
+    set (``interp/_data/moefy_calibration.jsonl``), cycled to ``n``: the workbench and
+    data-parallel suites' inputs."""
+    import interp
+
+    path = Path(interp.__file__).parent / "_data" / "moefy_calibration.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    items = [r[kind] for r in rows if r.get("kind") == kind]
+    return [items[i % len(items)] for i in range(n)]
+
+
 def machine_info() -> dict:
     """Platform, CPU model, threads, library versions and the load average at the start."""
     import torch

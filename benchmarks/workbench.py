@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import warnings
@@ -48,24 +47,12 @@ import interp
 from interp import runs
 from interp.interventions import add_direction
 
-DATA = Path(interp.__file__).parent / "_data" / "moefy_calibration.jsonl"
 CONTRAST = ["I love weddings, brides and grooms.", "I like the weather today."]
 GEN_TARGET = round(1 / 0.98, 4)  # time ratio ≤ 1.0204 ⇔ tokens/s ≥ 0.98× the plain loop
 
 
 class _Stop(Exception):
     pass
-
-
-def _data() -> tuple[list[str], list[str]]:
-    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line]
-    prompts = [r["prompt"] for r in rows if r.get("kind") == "prompt"]
-    texts = [r["text"] for r in rows if r.get("kind") == "text"]
-    return prompts, texts
-
-
-def _cycle(items: list[str], n: int) -> list[str]:
-    return [items[i % len(items)] for i in range(n)]
 
 
 def pair(res: dict, name: str, base: str, per: dict[str, int] | None = None) -> dict:
@@ -90,7 +77,7 @@ def pair(res: dict, name: str, base: str, per: dict[str, int] | None = None) -> 
 # ---- generate ---------------------------------------------------------------------------------
 def generate_group(model, args, layer: int, sync) -> dict:
     tok = model.tokenizer
-    prompts = _cycle(_data()[0], args.prompts)
+    prompts = harness.calibration_texts("prompt", args.prompts)
     # runs.generate sorts prompts by length (longest first, stable): give the plain loop
     # the same order so both run the same batches.
     prompts = sorted(prompts, key=lambda p: -len(tok(p)["input_ids"]))
@@ -227,7 +214,7 @@ def _saelens_epoch(store) -> int:
 
 def capture_group(model, args, layer: int, sync) -> dict:
     tok = model.tokenizer
-    texts = _cycle(_data()[1], args.texts)
+    texts = harness.calibration_texts("text", args.texts)
     bs = args.batch_size
     name = f"blocks.{layer}.hook_resid_post"
     block = model._layers[layer]
@@ -353,7 +340,7 @@ def capture_group(model, args, layer: int, sync) -> dict:
 # ---- score ------------------------------------------------------------------------------------
 def score_group(model, args, sync) -> dict:
     tok = model.tokenizer
-    texts = _cycle(_data()[1], args.texts)
+    texts = harness.calibration_texts("text", args.texts)
     bs = args.batch_size
 
     def naive():
