@@ -98,7 +98,12 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print("RESULT " + json.dumps({"seconds": seconds, "amount": amount}), flush=True)
     if world > 1:
-        dist.destroy_process_group()
+        # After a barrier, leave without tearing gloo down: a rank exiting through
+        # destructors while its peer still closes the group can abort ("terminate called
+        # without an active exception"; seen under load).
+        sys.stdout.flush()
+        dist.barrier()
+        os._exit(0)
 
 
 def launch(args: argparse.Namespace, workload: str, procs: int) -> dict:

@@ -76,7 +76,7 @@ def test_bad_rank_arguments_raise(llama, tmp_path):
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch.distributed as dist
     import interp
     from interp import runs
@@ -88,7 +88,11 @@ SCRIPT = textwrap.dedent(
     with model.hooks(fwd=[("hook_embed", lambda t, h: passes.append(t.shape[0]))]):
         out = runs.capture_dataset(model, texts, names, to=sys.argv[1], **kw)
     print("RESULT", dist.get_rank(), sum(passes), len(out), flush=True)
-    dist.destroy_process_group()
+    # After a barrier, leave without tearing gloo down: a rank exiting through destructors
+    # while its peer still closes the group can abort ("terminate called without an active
+    # exception"; seen under load).
+    dist.barrier()
+    os._exit(0)
     """
 )
 

@@ -168,7 +168,7 @@ def test_command_line_precedence(tmp_path):
 
 
 SCRIPT = """
-import json, sys
+import json, os, sys
 import torch.distributed as dist
 import interp
 from interp.sae.pipeline import PipelineConfig, run_pipeline
@@ -176,7 +176,11 @@ from interp.sae.pipeline import PipelineConfig, run_pipeline
 dist.init_process_group("gloo")
 report = run_pipeline(PipelineConfig(**json.loads(sys.argv[1])), model=interp.tiny("llama", seed=0))
 print("RESULT", dist.get_rank(), report["train"]["steps"], report["timing"]["processes"])
-dist.destroy_process_group()
+# After a barrier, leave without tearing gloo down (a rank exiting through destructors while
+# its peer still closes the group can abort: "terminate called without an active exception").
+sys.stdout.flush()
+dist.barrier()
+os._exit(0)
 """
 
 

@@ -134,11 +134,14 @@ SCRIPT = textwrap.dedent(
     if result.trainer.args.process_index == 0:
         torch.save({n: p.detach() for n, p in result.model.named_parameters() if "lora_" in n},
                    out + "/weights.pt")
-    # Leave the gloo group before exit: a process exiting with it alive can abort
-    # ("terminate called without an active exception") while its peer still talks to it.
+    # After a barrier, leave without tearing gloo down: a rank exiting through destructors
+    # while its peer still closes the group can abort ("terminate called without an active
+    # exception"; seen under load).
+    import os
     import torch.distributed as dist
+    sys.stdout.flush()
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)
     """
 )
 
