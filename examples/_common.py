@@ -67,10 +67,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 # -- settings: one dataclass per study, every field a flag -----------------------------------
-def field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A settings field with its ``--flag`` help text (tuples/lists as defaults are fine)."""
-    if isinstance(default, list | dict | set):
-        raise TypeError("use a tuple for a sequence default (settings are frozen)")
+_NO_QUICK = object()
+
+
+def field(default: Any, help: str, *, quick: Any = _NO_QUICK, **kwargs: Any) -> Any:
+    """A settings field with its ``--flag`` help text and, optionally, its ``--quick`` value
+    (``quick=``, kept next to the default it replaces). Sequences are tuples (frozen)."""
+    for value in (default, quick):
+        if isinstance(value, list | dict | set):
+            raise TypeError("use a tuple for a sequence value (settings are frozen)")
+    if quick is not _NO_QUICK:
+        kwargs["quick"] = quick
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -80,8 +87,9 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The flags every study takes. A study subclasses it (``@dataclass(frozen=True)``),
-    adds its own fields with :func:`field` (defaults = the full run), and sets ``QUICK`` to
-    the overrides of ``--quick``. :meth:`parse` builds the command line from the fields:
+    adds its own fields with :func:`field` (defaults = the full run, ``quick=`` the value of
+    the ``--quick`` preset); ``QUICK`` holds preset values of fields declared elsewhere (the
+    common ones, such as ``seeds``). :meth:`parse` builds the command line from the fields:
     ``batch_size`` is ``--batch-size``, a ``bool`` gets ``--x/--no-x``, a tuple takes several
     values; precedence is explicit flag > ``--quick`` preset > default. Validate in
     ``__post_init__`` (call ``super().__post_init__()``)."""
@@ -139,7 +147,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             typ, optional = _unwrap(hints[f.name])
             text = f.metadata.get("help", "")
-            quick = cls.QUICK.get(f.name, dataclasses.MISSING)
+            quick = cls.preset().get(f.name, dataclasses.MISSING)
             shown = f"default {f.default!r}" + (
                 "" if quick is dataclasses.MISSING else f", quick {quick!r}"
             )
@@ -159,14 +167,25 @@ class Settings:
     def parse(cls, argv: Sequence[str] | None, name: str, description: str | None = None):
         """Settings from the command line (``argv``; ``None`` reads ``sys.argv``)."""
         given = vars(cls.parser(name, description).parse_args(argv))
-        unknown = set(cls.QUICK) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"{cls.__name__}.QUICK names unknown fields: {sorted(unknown)}")
-        values = dict(cls.QUICK) if given.get("quick") else {}
+        values = cls.preset() if given.get("quick") else {}
         values.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
         if not values.get("out"):
             values["out"] = f"runs/{name}"
         return cls(**values)
+
+    @classmethod
+    def preset(cls) -> dict[str, Any]:
+        """The ``--quick`` values: every field's ``quick=`` plus ``QUICK`` (a field named in
+        both, or a ``QUICK`` key that is no field, raises)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(cls.QUICK) - set(fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.QUICK names unknown fields: {sorted(unknown)}")
+        own = {n: f.metadata["quick"] for n, f in fields.items() if "quick" in f.metadata}
+        both = set(own) & set(cls.QUICK)
+        if both:
+            raise TypeError(f"{cls.__name__}: {sorted(both)} set by both field(quick=) and QUICK")
+        return own | dict(cls.QUICK)
 
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import _common as C
 import torch
@@ -57,35 +57,27 @@ System = str | Sequence[str]
 
 @dataclasses.dataclass(frozen=True)
 class Inoculation(C.Settings):
-    # fmt: off
-    QUICK: ClassVar[dict[str, Any]] = {
-        "n_layers": 8, "per_domain": 2, "gen_tokens": 24, "n_select": 16, "n_calib": 16,
-        "n_random": 200, "n_boot": 500, "n_perm": 999, "n_train": 48, "epochs": 1, "lr": 3e-3,
-        "n_eval": 16, "eval_tokens": 16, "seeds": (0,),
-    }
-    # fmt: on
-
-    seeds: tuple[int, ...] = C.field((0, 1, 2), "seeds: per-seed values, mean and SD over seeds")
-    n_layers: int = C.field(0, "evenly spaced layer subset (0 = every layer)")
-    per_domain: int = C.field(6, "direction prompts per domain in each half (fit / held-out)")
-    gen_tokens: int = C.field(32, "greedy tokens per reply for the caps sanity checks")
-    n_select: int = C.field(32, "selection batch: the control prompt is loss-matched on it")
-    n_calib: int = C.field(64, "comparison batch: losses and gradients are compared on it")
-    n_random: int = C.field(500, "random directions for the specificity band (>= 100)")
-    n_boot: int = C.field(1000, "bootstrap resamples per interval")
-    n_perm: int = C.field(9999, "sign flips per permutation test")
+    seeds: tuple[int, ...] = C.field((0, 1, 2), "per-seed values, mean and SD", quick=(0,))
+    n_layers: int = C.field(0, "evenly spaced layer subset (0 = every layer)", quick=8)
+    per_domain: int = C.field(6, "direction prompts per domain per half (fit/held)", quick=2)
+    gen_tokens: int = C.field(32, "greedy tokens per reply for the caps sanity checks", quick=24)
+    n_select: int = C.field(32, "selection batch (the control is loss-matched on it)", quick=16)
+    n_calib: int = C.field(64, "comparison batch (losses, gradients compared)", quick=16)
+    n_random: int = C.field(500, "random directions for the specificity band (>= 100)", quick=200)
+    n_boot: int = C.field(1000, "bootstrap resamples per interval", quick=500)
+    n_perm: int = C.field(9999, "sign flips per permutation test", quick=999)
     correction: str = C.field("holm", "multiplicity correction", choices=("holm", "bh"))
     alpha: float = C.field(0.05, "level of the corrected tests")
     inoculation_index: int = C.field(0, "which inoculation prompt of system_prompts.json")
     enable_thinking: bool = C.field(False, "thinking templates: leave thinking on")
     train: bool = C.field(True, "LoRA end-to-end check")
-    n_train: int = C.field(128, "ALL-CAPS training examples per fine-tune")
-    epochs: int = C.field(2, "training epochs")
+    n_train: int = C.field(128, "ALL-CAPS training examples per fine-tune", quick=48)
+    epochs: int = C.field(2, "training epochs", quick=1)
     train_batch: int = C.field(8, "training batch size")
-    lr: float = C.field(1e-3, "LoRA learning rate")
+    lr: float = C.field(1e-3, "LoRA learning rate", quick=0.003)
     lora_r: int = C.field(8, "LoRA rank")
-    n_eval: int = C.field(48, "held-out math questions for drift")
-    eval_tokens: int = C.field(24, "greedy tokens per drift reply")
+    n_eval: int = C.field(48, "held-out math questions for drift", quick=16)
+    eval_tokens: int = C.field(24, "greedy tokens per drift reply", quick=16)
 
     def __post_init__(self) -> None:
         super().__post_init__()

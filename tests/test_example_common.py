@@ -21,9 +21,9 @@ def C():
 def Study(C):
     @dataclasses.dataclass(frozen=True)
     class Study(C.Settings):
-        QUICK: ClassVar[dict[str, Any]] = {"n_items": 4, "layer_fraction": 0.25}
+        QUICK: ClassVar[dict[str, Any]] = {"layer_fraction": 0.25, "seeds": (3,)}
 
-        n_items: int = C.field(100, "items per condition")
+        n_items: int = C.field(100, "items per condition", quick=4)
         layer_fraction: float = C.field(0.5, "layer as a fraction of depth")
         judge_model: str | None = C.field(None, "judge model")
         plot: bool = C.field(True, "write plots")
@@ -52,7 +52,9 @@ def test_defaults_are_the_full_run(Study):
 
 def test_quick_preset_and_explicit_flags_win(Study):
     s = Study.parse(["--quick"], "study")
-    assert (s.quick, s.n_items, s.layer_fraction) == (True, 4, 0.25)
+    # field(quick=) and QUICK (for a field declared in the base class) both take effect
+    assert (s.quick, s.n_items, s.layer_fraction, s.seeds) == (True, 4, 0.25, (3,))
+    assert "quick 4" in Study.parser("study", None).format_help()
     s = Study.parse(["--quick", "--n-items", "7"], "study")
     assert (s.n_items, s.layer_fraction) == (7, 0.25)
     # an explicit flag equal to the full default still beats the preset
@@ -101,6 +103,18 @@ def test_quick_preset_naming_a_missing_field_raises(C):
 
     with pytest.raises(TypeError, match="n_itemz"):
         Broken.parse(["--quick"], "broken")
+
+
+def test_quick_value_given_twice_or_as_a_list_raises(C):
+    @dataclasses.dataclass(frozen=True)
+    class Twice(C.Settings):
+        QUICK: ClassVar[dict[str, Any]] = {"n_items": 2}
+        n_items: int = C.field(100, "items", quick=4)
+
+    with pytest.raises(TypeError, match="n_items"):
+        Twice.parse(["--quick"], "twice")
+    with pytest.raises(TypeError, match="tuple"):
+        C.field((1, 2), "sizes", quick=[1])
 
 
 def test_layer_at_is_a_fraction_of_depth(C):
