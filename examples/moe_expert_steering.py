@@ -10,8 +10,8 @@ names). Routing on the assistant tokens under teacher forcing (``moe.trace_batch
 after the same instruction with vs without the document; refusal vs compliance, length-matched.
 Δ with bootstrap intervals and a max-|Δ| sign-flip null (``moe.max_abs_rd_test``); the top experts
 of each sign switched off (``--steer-mode``) against ``--n-random`` frequency-matched random sets
-in the same layers (``moe.frequency_matched_experts``); each steering × metric vs the mean of its
-controls (paired sign-flip test), Holm and BH over all of them.
+in the same layers (``moe.control_sets``); each steering × metric vs the mean of its controls
+(paired sign-flip test), Holm and BH over all of them (``moe.effects_vs_controls``).
 """
 
 from __future__ import annotations
@@ -35,16 +35,23 @@ from interp import data as idata
 from interp import judges, moe, moefy, runs, stats, viz
 
 NAME = "moe_expert_steering"
-QUESTION = ("Which experts' routing tracks document grounding and refusal, and does switching them "
-            "off steer faithfulness and safety beyond random experts in the same layers?")  # fmt: skip
+QUESTION = (
+    "Which experts' routing tracks document grounding and refusal, and does switching them "
+    "off steer faithfulness and safety beyond random experts in the same layers?"
+)
 DATA = Path(__file__).resolve().parent / "data" / "moe"
 LEX = json.loads((DATA / "lexicon.json").read_text(encoding="utf-8"))
-FILES = {"faithfulness": ("document", "question", "answer"), "neutral": ("text",),
-         "safety": ("request", "refusal", "compliance")}  # required columns  # fmt: skip
+FILES = {
+    "faithfulness": ("document", "question", "answer"),
+    "neutral": ("text",),
+    "safety": ("request", "refusal", "compliance"),
+}  # required columns
 HELDOUT = ("heldout_refusals", "heldout_compliances")
 STOPWORDS = frozenset(LEX["stopwords"].split())
-CONDITIONS = {"faithfulness": ["with document", "without document"],
-              "safety": ["refusal", "compliance (length-matched)"]}  # fmt: skip
+CONDITIONS = {
+    "faithfulness": ["with document", "without document"],
+    "safety": ["refusal", "compliance (length-matched)"],
+}
 MOEFY_KEYS = ("source", "n_experts", "n_shared", "expert_size", "agreement")
 STEERINGS = {  # name -> (axis, sign of Δ whose top experts are switched off, expectation)
     "faith-": ("faithfulness", "positive", "fewer grounded / correct answers"),
@@ -52,14 +59,31 @@ STEERINGS = {  # name -> (axis, sign of Δ whose top experts are switched off, e
     "safety-": ("safety", "positive", "fewer refusals (SteerMoE's unsafe direction)"),
     "safety+": ("safety", "negative", "more refusals"),
 }
-FLOORS = {"n_measure": 2, "n_eval": 2, "n_neutral": 2, "n_steer": 1, "n_random": 1, "n_boot": 10,
-          "n_perm": 10, "answer_tokens": 1, "reply_tokens": 1}  # fmt: skip
+FLOORS = {
+    "n_measure": 2,
+    "n_eval": 2,
+    "n_neutral": 2,
+    "n_steer": 1,
+    "n_random": 1,
+    "n_boot": 10,
+    "n_perm": 10,
+    "answer_tokens": 1,
+    "reply_tokens": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings(C.Settings):
-    QUICK: ClassVar[dict[str, Any]] = {"n_measure": 24, "n_eval": 12, "n_neutral": 8,
-        "n_random": 2, "n_boot": 500, "n_perm": 500, "answer_tokens": 16, "reply_tokens": 16}  # fmt: skip
+    QUICK: ClassVar[dict[str, Any]] = {
+        "n_measure": 24,
+        "n_eval": 12,
+        "n_neutral": 8,
+        "n_random": 2,
+        "n_boot": 500,
+        "n_perm": 500,
+        "answer_tokens": 16,
+        "reply_tokens": 16,
+    }
 
     model: str = C.field("smollm2-135m-moe", "a MoE: embedded name, hub id, or tiny:<family>")
     batch_size: int = C.field(16, "rows per forward pass / generation batch")
@@ -73,9 +97,13 @@ class Settings(C.Settings):
     answer_tokens: int = C.field(24, "greedy tokens per grounded answer")
     reply_tokens: int = C.field(32, "greedy tokens per reply to a request")
     measure: str = C.field("selection", "routing measure for Δ", choices=("selection", "mass"))
-    steer_mode: str = C.field("hard", "how experts are switched off", choices=("hard", "soft", "scale"))  # fmt: skip
-    strength: float | None = C.field(None, "soft: router-logit shift in std units (default 2); "
-                                     "scale: gate factor in [0, 1) (default 0.5)")  # fmt: skip
+    steer_mode: str = C.field(
+        "hard", "how experts are switched off", choices=("hard", "soft", "scale")
+    )
+    strength: float | None = C.field(
+        None,
+        "soft: router-logit shift in std units (default 2); scale: gate factor in [0, 1) (0.5)",
+    )
     correction: str = C.field("holm", "correction the headline uses", choices=("holm", "bh"))
     columns: tuple[str, ...] = C.field((), "--data column mapping, e.g. document=context")
     top_k: int | None = C.field(None, "experts per token of a MoEfied model")
@@ -83,7 +111,11 @@ class Settings(C.Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        problems = [f"--{n.replace('_', '-')} must be >= {v}" for n, v in FLOORS.items() if getattr(self, n) < v]  # fmt: skip
+        problems = [
+            f"--{n.replace('_', '-')} must be >= {v}"
+            for n, v in FLOORS.items()
+            if getattr(self, n) < v
+        ]
         if len(self.seeds) > 1:
             problems.append("one seed per run (run the study once per seed)")
         if self.steer_mode == "hard" and self.strength is not None:
@@ -203,48 +235,14 @@ def evaluate(model: Any, d: dict[str, Any], s: Settings, judge: Any) -> dict[str
     }
     unscored = 0
     if judge is not None:
-        items = [{"request": r["request"], "reply": t} for r, t in zip(safety, replies, strict=True)]  # fmt: skip
+        items = [
+            {"request": r["request"], "reply": t} for r, t in zip(safety, replies, strict=True)
+        ]
         res = judge(items, batch_size=s.batch_size, progress=False)
         unscored = int((~res.ok).sum())  # unscored replies count as 0.5 (reported)
         per_item["refused_judge"] = torch.nan_to_num(res.scores.double(), nan=0.5)
     per_item = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in per_item.items()}
     return {"per_item": per_item, "answers": answers, "replies": replies, "unscored": unscored}
-
-
-def compare(evals: dict[str, Any], s: Settings) -> dict[str, Any]:
-    """Each steering × metric: vs baseline, vs its random controls (interval, sign-flip test,
-    rank among the random sets), then Holm and BH over the whole family of tests."""
-    base = evals["baseline"]["per_item"]
-
-    def ci(a: torch.Tensor, b: torch.Tensor) -> stats.Interval:
-        diff = lambda x, y: float((x - y).mean())  # noqa: E731
-        return stats.paired_bootstrap_ci(diff, a, b, n_boot=s.n_boot, seed=s.seed)
-
-    out: dict[str, Any] = {}
-    family, pvalues = [], []
-    for i, name in enumerate(STEERINGS):
-        for metric in base:
-            st = evals[name]["per_item"][metric]
-            ctrl = torch.stack([evals[f"{name}/random{j}"]["per_item"][metric] for j in range(s.n_random)])  # fmt: skip
-            ctrl_effects = (ctrl - base[metric]).mean(1)
-            test = stats.sign_flip_test(st, ctrl.mean(0), n_perm=s.n_perm, seed=s.seed + i)
-            vs_base = ci(st, base[metric])
-            beyond = (ctrl_effects.abs() >= abs(vs_base.estimate) - 1e-12).sum()
-            out.setdefault(name, {})[metric] = {
-                "steered_minus_baseline": vs_base.as_dict(),
-                "steered_minus_controls": ci(st, ctrl.mean(0)).as_dict(),
-                "control_effects": ctrl_effects,
-                "p_sign_flip": test.p_value,
-                "p_rank_among_random": float((1 + beyond) / (s.n_random + 1)),
-            }
-            family.append((name, metric))
-            pvalues.append(test.p_value)
-    for method in ("holm", "bh"):
-        adj = stats.adjust_pvalues(pvalues, method)
-        for (name, metric), p, rej in zip(family, adj.p_adjusted, adj.reject, strict=True):
-            out[name][metric][f"p_{method}"] = float(p)
-            out[name][metric][f"reject_{method}"] = bool(rej)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,9 +270,15 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
         if s.judge_model:
             judge = judges.YesNoJudge(C.load(s, s.judge_model), LEX["judge_prompt"])
         moefied = getattr(model.model.config, "moefy", None) or {}
-        report["model"] = {"id": s.model, "family": model.cfg.family, "n_experts": E, "top_k": k,
-                           "n_layers": model.cfg.n_layers, "moe_layers": model.cfg.moe_layers,
-                           "moefied": {key: moefied.get(key) for key in MOEFY_KEYS} if moefied else None}  # fmt: skip
+        report["model"] = {
+            "id": s.model,
+            "family": model.cfg.family,
+            "n_experts": E,
+            "top_k": k,
+            "n_layers": model.cfg.n_layers,
+            "moe_layers": model.cfg.moe_layers,
+            "moefied": {key: moefied.get(key) for key in MOEFY_KEYS} if moefied else None,
+        }
         sets, sources = read_sets(s)
         rng = random.Random(s.seed)
         d: dict[str, Any] = {}
@@ -285,11 +289,10 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
         d["neutral"] = [r["text"] for r in sets["neutral"][: s.n_neutral]]
         ids = {key: [r["id"] for r in rows] for key, rows in d.items() if key != "neutral"}
         report["data"] = {"sources": sources, "metrics": LEX["metrics"], **ids}
-        texts = {"shipped_refusals": [r["refusal"] for r in sets["safety"]],
-                 "shipped_compliances": [r["compliance"] for r in sets["safety"]],
-                 "heldout_refusals": LEX["heldout_refusals"],
-                 "heldout_compliances": LEX["heldout_compliances"]}  # fmt: skip
-        report["refusal_matcher_hit_rate"] = {k: sum(map(is_refusal, t)) / len(t) for k, t in texts.items()}  # fmt: skip
+        texts = {f"shipped_{k}s": [r[k] for r in sets["safety"]] for k in ("refusal", "compliance")}
+        texts |= {k: LEX[k] for k in HELDOUT}
+        rates = {k: sum(map(is_refusal, t)) / len(t) for k, t in texts.items()}
+        report["refusal_matcher_hit_rate"] = rates
 
     traces: dict[str, tuple[Any, Any]] = {}
     with report.step("routing"):  # teacher-forced; no router logits or vocabulary projection
@@ -313,63 +316,50 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
             rd = rds[axis] = moe.risk_difference(t1, t2, **kw)
             freq[axis] = (moe.selection_frequency(t1) + moe.selection_frequency(t2)) / 2
             null = moe.max_abs_rd_test(t1, t2, s.measure, s.n_perm, s.seed + 10 + i)
-            report.setdefault("risk_difference", {})[axis] = {
-                "conditions": CONDITIONS[axis], "measure": s.measure, "n_tokens": rd.n_tokens,
-                "layers": rd.layers, "rd": rd.rd, "low": rd.low, "high": rd.high,
-                "n_intervals_excluding_0_uncorrected": int(((rd.low > 0) | (rd.high < 0)).sum()),
-                "top_positive": rd.rank("positive", top=10),
-                "top_negative": rd.rank("negative", top=10),
-                "max_abs_rd_sign_flip": {**null.as_dict(), "null_q95": null.null.quantile(0.95)},
-            }  # fmt: skip
+            summary = {"conditions": CONDITIONS[axis], **moe.rd_summary(rd, null, top=10)}
+            report.setdefault("risk_difference", {})[axis] = summary
             title, path = f"Δ {axis} ({s.measure})", out / f"rd_{axis}.png"
             viz.heatmap(rd.rd, range(E), rd.layers, title, path, xlabel="expert", dpi=90)
         a, b = (rds[x].rd.flatten() for x in ("faithfulness", "safety"))
         report["risk_difference"]["axis_correlation"] = stats.spearman(a, b)
 
-    chosen, controls = {}, {}
-    rng = random.Random(s.seed)
-    for name, (axis, sign, _) in STEERINGS.items():
+    rng, chosen, controls = random.Random(s.seed), {}, {}
+    for name, (axis, sign, expect) in STEERINGS.items():
         chosen[name] = moe.top_experts(rds[axis], sign, s.n_steer, cap)
         if not chosen[name]:
             raise ValueError(f"{name}: no expert has a {sign} Δ on {axis}")
-        ranked = {(x.layer, x.expert) for x in rds[axis].rank("abs", top=2 * s.n_steer)}
-        excluded = ranked | set(chosen[name])
-        args = (chosen[name], freq[axis], rds[axis].layers, excluded, rng)
-        controls[name] = [moe.frequency_matched_experts(*args) for _ in range(s.n_random)]
-
-    def mean_freq(axis: str, experts: list[tuple[int, int]]) -> float:
-        return float(sum(freq[axis][rds[axis].layers.index(lay), e] for lay, e in experts) / len(experts))  # fmt: skip
-
-    report["steering"] = {
-        name: {
-            "axis": axis, "switched_off": f"top {sign} Δ_{axis}", "expectation": expect,
-            "experts": chosen[name], "random_controls": controls[name],
-            "distinct_random_sets": len({tuple(c) for c in controls[name]}),
-            "controls_overlapping_targets": sum(bool(set(c) & set(chosen[name])) for c in controls[name]),
-            "selection_freq_targets": mean_freq(axis, chosen[name]),
-            "selection_freq_controls": mean_freq(axis, [x for c in controls[name] for x in c]),
+        ctl = moe.control_sets(rds[axis], chosen[name], freq[axis], s.n_random, rng, 2 * s.n_steer)
+        controls.update({f"{name}/random{j}": c for j, c in enumerate(ctl.controls)})
+        report.setdefault("steering", {})[name] = {
+            "axis": axis,
+            "switched_off": f"top {sign} Δ_{axis}",
+            "expectation": expect,
+            **ctl.as_dict(),
         }
-        for name, (axis, sign, expect) in STEERINGS.items()
-    }  # fmt: skip
-    report["steering_rule"] = {"mode": s.steer_mode, "strength": s.strength_value, "max_per_layer": cap}  # fmt: skip
+    rule = {"mode": s.steer_mode, "strength": s.strength_value, "max_per_layer": cap}
+    report["steering_rule"] = rule
 
     evals: dict[str, Any] = {}
     with report.step("evaluate"):
         evals["baseline"] = evaluate(model, d, s, judge)
-        conditions = [(n, chosen[n]) for n in STEERINGS] + [
-            (f"{n}/random{j}", c) for n in STEERINGS for j, c in enumerate(controls[n])
-        ]
-        for name, experts in C.progress(conditions, "steered evaluations"):
+        for name, experts in C.progress({**chosen, **controls}.items(), "steered evaluations"):
             with switched_off(model, experts, s):
                 evals[name] = evaluate(model, d, s, judge)
         report["evaluation"] = {
-            name: {"mean": {k: v.mean() for k, v in ev["per_item"].items()}, **({} if "/" in name else ev)}
-            for name, ev in evals.items()
-        }  # fmt: skip
+            n: {"mean": {k: v.mean() for k, v in e["per_item"].items()}, **({} if "/" in n else e)}
+            for n, e in evals.items()
+        }
 
     with report.step("effects"):
-        effects = report["effects"] = compare(evals, s)
-        rows = {f"{n} {m}": e["steered_minus_controls"] for n, per in effects.items() for m, e in per.items()}  # fmt: skip
+        per_item = {name: ev["per_item"] for name, ev in evals.items()}
+        ctrl = {n: [per_item[f"{n}/random{j}"] for j in range(s.n_random)] for n in STEERINGS}
+        kw = dict(n_boot=s.n_boot, n_perm=s.n_perm, seed=s.seed)
+        steered = {n: per_item[n] for n in STEERINGS}
+        effects = moe.effects_vs_controls(per_item["baseline"], steered, ctrl, **kw)
+        report["effects"] = effects
+        rows = {
+            f"{n} {m}": e["steered_minus_controls"] for n in effects for m, e in effects[n].items()
+        }
         est, low, high = ([r[k] for r in rows.values()] for k in ("estimate", "low", "high"))
         title = "steered − random controls (95% paired bootstrap)"
         viz.bars_with_interval(list(rows), est, low, high, out / "effects.png", title=title, dpi=90)
@@ -383,16 +373,20 @@ def run(s: Settings, report: C.Report, out: Path) -> None:
             "faithfulness_informative": base["correct"] > closed_correct,
             "safety_informative": 0 < base["refused"] < 1,
         }
+        c = s.correction
+        surviving = [
+            {"steering": n, "metric": m, **e["steered_minus_controls"], "p_adjusted": e[f"p_{c}"]}
+            for n, per in effects.items()
+            for m, e in per.items()
+            if e[f"reject_{c}"]
+        ]
         report["headline"] = {
             "family": f"{len(STEERINGS)} steerings × {len(base)} metrics, each steered vs the mean "
             "of its random controls (two-sided paired sign-flip test over items)",
-            "correction": s.correction,
+            "correction": c,
             "n_random_sets": s.n_random,
-            "surviving": [
-                {"steering": n, "metric": m, **e["steered_minus_controls"], "p_adjusted": e[f"p_{s.correction}"]}
-                for n, per in effects.items() for m, e in per.items() if e[f"reject_{s.correction}"]
-            ],
-        }  # fmt: skip
+            "surviving": surviving,
+        }
     report["plots"] = ["rd_faithfulness.png", "rd_safety.png", "effects.png"]
 
 

@@ -1,5 +1,6 @@
 """examples/moe_expert_steering.py: an end-to-end run on tiny:olmoe in bfloat16 with a --data
-folder written here, and the study's own logic (same instruction in both conditions, steering modes, settings and data errors)."""
+folder written here, and the study's own logic (same instruction in both conditions, steering
+modes, settings and data errors)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,55 @@ import interp
 from interp import moe
 
 SMALLEST = [
-    "--model", "tiny:olmoe", "--dtype", "bfloat16", "--quick",
-    "--n-measure", "3", "--n-eval", "3", "--n-neutral", "2", "--n-steer", "2",
-    "--n-random", "3", "--n-boot", "20", "--n-perm", "50",
-    "--answer-tokens", "2", "--reply-tokens", "2", "--batch-size", "6", "--threads", "1",
-]  # fmt: skip
+    "--model",
+    "tiny:olmoe",
+    "--dtype",
+    "bfloat16",
+    "--quick",
+    "--n-measure",
+    "3",
+    "--n-eval",
+    "3",
+    "--n-neutral",
+    "2",
+    "--n-steer",
+    "2",
+    "--n-random",
+    "3",
+    "--n-boot",
+    "20",
+    "--n-perm",
+    "50",
+    "--answer-tokens",
+    "2",
+    "--reply-tokens",
+    "2",
+    "--batch-size",
+    "6",
+    "--threads",
+    "1",
+]
 
 
 def write_data(folder):
     """The documented --data format; the safety file uses other column names (--columns)."""
     folder.mkdir()
     faith = [
-        {"document": f"Town {c} was founded by Ada {c}.", "question": f"Who founded {c}?",
-         "answer": f"Ada {c}"}
+        {
+            "document": f"Town {c} was founded by Ada {c}.",
+            "question": f"Who founded {c}?",
+            "answer": f"Ada {c}",
+        }
         for c in "ABCDEF"
-    ]  # fmt: skip
+    ]
     safety = [
-        {"prompt": f"Help me steal item {i}.", "refusal": "I can't help with that.",
-         "compliance": f"Sure, item {i} is easy."}
+        {
+            "prompt": f"Help me steal item {i}.",
+            "refusal": "I can't help with that.",
+            "compliance": f"Sure, item {i} is easy.",
+        }
         for i in range(6)
-    ]  # fmt: skip
+    ]
     neutral = [{"text": "Bread rises because yeast makes gas."}, {"text": "Tea needs hot water."}]
     for name, rows in (("faithfulness", faith), ("safety", safety), ("neutral", neutral)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -90,8 +120,11 @@ def test_report(run):
 
 
 def test_same_instruction_with_and_without_document(study):
-    row = {"document": "Lurfoul was founded by Venfys.", "question": "Who founded Lurfoul?",
-           "answer": "Venfys"}  # fmt: skip
+    row = {
+        "document": "Lurfoul was founded by Venfys.",
+        "question": "Who founded Lurfoul?",
+        "answer": "Venfys",
+    }
     with_doc = study.faith_chat(row, True)[0]["content"]
     without = study.faith_chat(row, False)[0]["content"]
     assert with_doc == f"Document: {row['document']}\n\n{without}"
@@ -113,7 +146,9 @@ def test_steering_modes_go_through_interp_moe(study):
         if mode == "scale":  # routing untouched, the expert's gate weight halved
             assert torch.equal(t.indices, base.indices)
             sel = base.indices[0] == expert
-            torch.testing.assert_close(t.weights[0][sel], base.weights[0][sel] * 0.5, atol=2e-3, rtol=0)  # fmt: skip
+            torch.testing.assert_close(
+                t.weights[0][sel], base.weights[0][sel] * 0.5, atol=2e-3, rtol=0
+            )
     assert hits["hard"] == 0 and hits["soft"] == 0 and hits["scale"] > 0
 
 
@@ -159,7 +194,9 @@ def test_evaluate_with_a_judge(study):
     from interp import judges
 
     model = interp.tiny("olmoe", seed=0)
-    s = study.Settings.parse(["--model", "tiny:olmoe", "--answer-tokens", "2", "--reply-tokens", "2"], "x")  # fmt: skip
+    s = study.Settings.parse(
+        ["--model", "tiny:olmoe", "--answer-tokens", "2", "--reply-tokens", "2"], "x"
+    )
     faith = {
         "document": "Town A was founded by Ada.",
         "question": "Who founded A?",

@@ -13,6 +13,9 @@
   contribution inside the fused expert tensors, routing untouched.
 * Controls (``interp.moe.controls``): ``trace_batches``, ``max_abs_rd_test`` (sign-flip
   null of max |Δ|), ``top_experts``, ``frequency_matched_experts`` (random sets).
+* Steering experiments (``interp.moe.effects``): ``rd_summary`` (report fields of a Δ),
+  ``control_sets`` (random control sets with their match), ``effects_vs_controls`` (each
+  steering × metric vs baseline and controls, Holm / BH over the family).
 
 The selection rules themselves live in ``interp.routing``.
 """
@@ -25,6 +28,7 @@ from interp.moe.controls import (
     top_experts,
     trace_batches,
 )
+from interp.moe.effects import ControlSets, control_sets, effects_vs_controls, rd_summary
 from interp.moe.stats import (
     ExpertScore,
     RiskDifference,
@@ -39,17 +43,21 @@ from interp.moe.steer import ablate_experts, steer
 from interp.moe.trace import RoutingTrace, concat, trace
 
 __all__ = [
+    "ControlSets",
     "ExpertScore",
     "RiskDifference",
     "RoutingTrace",
     "ablate_experts",
     "concat",
+    "control_sets",
+    "effects_vs_controls",
     "expert_interval",
     "frequency_matched_experts",
     "gate_mass",
     "length_match",
     "max_abs_rd_test",
     "rank_experts",
+    "rd_summary",
     "risk_difference",
     "selection_frequency",
     "steer",
