@@ -39,6 +39,7 @@ __all__ = [
     "ControlContrast",
     "Correction",
     "Interval",
+    "Metric",
     "PairedDifference",
     "PermutationTest",
     "SeedSpread",
@@ -50,12 +51,15 @@ __all__ = [
     "cluster_bootstrap_ci",
     "cohens_d",
     "control_contrast",
+    "describe_difference",
     "enrichment_test",
     "holm",
+    "metric_summary",
     "paired_bootstrap_ci",
     "paired_difference",
     "permutation_test",
     "rankdata",
+    "ratio_of_sums",
     "seed_spread",
     "seed_spreads",
     "sign_flip_columns",
@@ -914,3 +918,129 @@ def enrichment_test(
         a, b, statistic=largest, n_perm=n_perm, alternative="greater", seed=seed
     )
     return enrichment(a, b), test
+
+
+# ------------------------------------------------------------------ a metric of per-row columns
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A statistic of named per-row columns, for :func:`metric_summary`.
+
+    Attributes:
+        statistic: ``statistic(*cols) -> float`` on the columns named by ``columns``, in that
+            order; ``ValueError`` means undefined (e.g. a zero denominator).
+        columns: the names of the columns it reads (all of them count as the rows' values
+            when :func:`paired_difference` counts changed rows).
+        kind: ``"statistic"`` (any function; bootstrap interval), ``"ratio"``
+            (``sum(columns[0]) / sum(columns[1])``, reported with ``n``, the denominator's
+            sum; bootstrap interval) or ``"count"`` (a ratio whose numerator counts
+            successes among the denominator's trials: ``k`` of ``n`` with a Wilson
+            interval, informative where a bootstrap of 0 of ``n`` would read ``[0, 0]``).
+    """
+
+    statistic: Callable[..., float]
+    columns: tuple[str, ...]
+    kind: Literal["statistic", "ratio", "count"] = "statistic"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("statistic", "ratio", "count"):
+            raise ValueError(f"kind must be 'statistic', 'ratio' or 'count', got {self.kind!r}")
+        if not self.columns or (self.kind != "statistic" and len(self.columns) != 2):
+            raise ValueError(f"a {self.kind} metric needs columns, two for a ratio or count")
+
+    @classmethod
+    def ratio(cls, numerator: str, denominator: str) -> Metric:
+        """``sum(numerator) / sum(denominator)`` (:func:`ratio_of_sums`)."""
+        return cls(ratio_of_sums, (numerator, denominator), "ratio")
+
+    @classmethod
+    def count(cls, successes: str, trials: str) -> Metric:
+        """``sum(successes) / sum(trials)``, reported as ``k`` of ``n`` with Wilson."""
+        return cls(ratio_of_sums, (successes, trials), "count")
+
+
+def ratio_of_sums(numerator: Tensor, denominator: Tensor) -> float:
+    """``sum(numerator) / sum(denominator)``; ``ValueError`` when the denominator sums to 0."""
+    d = float(denominator.sum())
+    if d == 0:
+        raise ValueError("zero denominator")
+    return float(numerator.sum()) / d
+
+
+def metric_summary(
+    columns: Mapping[str, Mapping[str, Tensor]],
+    metric: Metric,
+    *,
+    rows: Int[Tensor, " r"] | None = None,
+    compare: tuple[str, str] | None = None,
+    level: float = 0.95,
+    levels: Sequence[float] = (0.95,),
+    n_boot: int = 1000,
+    seed: Seed = 0,
+) -> dict[str, Any]:
+    """One metric under each condition and, with ``compare=(before, after)``, its change
+    on the same rows.
+
+    ``columns`` maps each condition to its per-row columns by name (rows aligned across
+    conditions); ``rows`` picks the rows the metric is computed on (default: all).
+
+    Returns a JSON-ready dict: per condition ``{"estimate": ...}``, plus for a count ``k``,
+    ``n`` and ``wilson`` (the Wilson interval at ``level``), otherwise ``interval`` (the
+    percentile paired bootstrap at ``level``; ``None`` when every resample gives the same
+    value) and for a ratio ``n``; the condition's entry is ``None`` where the metric is
+    undefined. With ``compare``, ``"difference"``: :func:`paired_difference` (after −
+    before at each of ``levels``, the same resamples) as a dict.
+    """
+    names = list(columns)
+    for who in compare or ():
+        if who not in columns:
+            raise ValueError(f"compare names {who!r}, not one of the conditions {names}")
+    cols = {}
+    for who, table in columns.items():
+        missing = [k for k in metric.columns if k not in table]
+        if missing:
+            raise KeyError(f"condition {who!r} lacks column(s) {missing}")
+        cols[who] = [table[k] if rows is None else table[k][rows] for k in metric.columns]
+    out: dict[str, Any] = {}
+    for who, c in cols.items():
+        try:
+            entry: dict[str, Any] = {"estimate": float(metric.statistic(*c))}
+        except ValueError:  # undefined, e.g. a zero denominator
+            out[who] = None
+            continue
+        if metric.kind != "statistic":
+            k, n = (int(x.sum()) for x in c)
+            entry["n"] = n
+        if metric.kind == "count":
+            entry |= {"k": k, "wilson": list(wilson_interval(k, n, level)[1:])}
+        else:
+            iv = paired_bootstrap_ci(metric.statistic, *c, n_boot=n_boot, level=level, seed=seed)
+            entry["interval"] = [iv.low, iv.high] if iv.high > iv.low else None
+        out[who] = entry
+    if compare is not None:
+        before, after = (cols[who] for who in compare)
+        d = paired_difference(
+            metric.statistic, before, after, levels=levels, n_boot=n_boot, seed=seed
+        )
+        out["difference"] = d.as_dict()
+    return out
+
+
+def describe_difference(
+    d: PairedDifference | Mapping[str, Any], *, unit: str = "rows", spec: str = "+.3f"
+) -> str:
+    """One line for a :func:`paired_difference` result (or its ``as_dict()``):
+    ``before -> after, estimate [low, high] / [low, high]`` (one interval per level, in
+    order), or ``degenerate: k of n <unit> changed`` in place of the intervals; ``n/a`` for
+    an undefined value."""
+    d = d if isinstance(d, Mapping) else d.as_dict()
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    ivs = " / ".join(f"[{f(lo)}, {f(hi)}]" for lo, hi in d["intervals"].values())
+    if d["degenerate"]:
+        ivs = f"degenerate: {d['n_changed']} of {d['n']} {unit} changed"
+    text = f"{f(d['before'])} -> {f(d['after'])}, {f(d['estimate'])}"
+    return f"{text} {ivs}" if ivs else text

@@ -62,6 +62,7 @@ __all__ = [
     "expert_choices_html",
     "heatmap",
     "line_with_band",
+    "paired_differences",
     "save_html",
     "save_png",
     "str_tokens",
@@ -743,3 +744,41 @@ def bars_with_interval(
         ax.axvline(vline, color="0.3", linewidth=0.8)
     ax.set(title=title, xlabel=xlabel)
     return _finish(fig, path, dpi)
+
+
+def paired_differences(
+    differences: Mapping[str, Any],
+    path: str | Path | None = None,
+    *,
+    level: float | None = None,
+    title: str = "",
+    xlabel: str = "after - before (no whisker: degenerate)",
+    dpi: int = 150,
+) -> Any:
+    """Bars of :func:`interp.stats.paired_difference` results by name (the
+    ``PairedDifference`` objects or their ``as_dict()``), whiskers at the interval of
+    ``level`` (default: the highest level each one has).
+
+    A difference without intervals (degenerate: every resample equal, e.g. no row changed)
+    gets a bar without whisker; one without an estimate, or without the requested
+    ``level`` among its intervals, raises ``ValueError``. Returns the ``Figure``, or the
+    path written when ``path`` is given.
+    """
+    values, low, high = [], [], []
+    for name, d in differences.items():
+        d = d if isinstance(d, Mapping) else d.as_dict()
+        if d["estimate"] is None:
+            raise ValueError(f"difference {name!r} has no estimate (undefined): leave it out")
+        intervals = {float(k): v for k, v in d["intervals"].items()}
+        lo, hi = d["estimate"], d["estimate"]
+        if intervals:
+            at = max(intervals) if level is None else float(level)
+            if at not in intervals:
+                raise ValueError(f"difference {name!r} has no interval at level {at}")
+            lo, hi = intervals[at]
+        values.append(d["estimate"])
+        low.append(lo)
+        high.append(hi)
+    return bars_with_interval(
+        list(differences), values, low, high, path, title=title, xlabel=xlabel, dpi=dpi
+    )
