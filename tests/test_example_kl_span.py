@@ -254,9 +254,9 @@ def test_study_bias_scores_are_the_official_ones(kls, items):
                               ("ambig", "accuracy_ambig", ref.ambig.accuracy)):  # fmt: skip
         sub = [(it, c) for it, c in zip(one, choices, strict=True) if it.context_condition == cond]
         runs_ = [_analysis(it, c) for it, c in sub]
-        v = kls.item_columns(runs_, runs_, [])
-        _, *spec = kls.METRICS[name]
-        got = kls.ratio(v, *spec) if isinstance(spec[0], str) else spec[0](v)
+        v = bias_detectors.item_columns(runs_, runs_, [])
+        _, metric = kls.METRICS[name]
+        got = metric.statistic(*(v[k] for k in metric.columns))
         assert got == pytest.approx(value), name
 
 
