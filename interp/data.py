@@ -40,6 +40,7 @@ __all__ = [
     "load_records",
     "parse_gsm8k",
     "read_dataset",
+    "stratified_fractions",
     "stratified_splits",
     "strip_calculator_annotations",
 ]
@@ -380,3 +381,32 @@ def stratified_splits(
         for name, rows in parts.items():
             out[name] += rows
     return out
+
+
+def stratified_fractions(
+    items: Sequence[Mapping[str, Any]], key: str, fractions: Sequence[float | int], seed: int = 0
+) -> list[list[Any]]:
+    """Rows dealt into parts of the given fractions within each group of ``row[key]``.
+
+    Groups are taken in sorted order; each is shuffled (``torch.randperm`` with one
+    generator seeded by ``seed`` for all groups) and cut at the rounded cumulative
+    fractions of its size, so every part gets about ``fraction × size`` rows of every group.
+    A fraction larger than what is left (e.g. ``1`` last) takes the rest; rows past the
+    last part's end are in no part. Within a part, rows keep group order, then the
+    shuffled order.
+    """
+    import torch
+
+    if not fractions or any(f < 0 for f in fractions):
+        raise ValueError(f"fractions must be a non-empty list of numbers >= 0, got {fractions}")
+    gen = torch.Generator().manual_seed(seed)
+    groups: dict[Any, list[Any]] = {}
+    for row in items:
+        groups.setdefault(row[key], []).append(row)
+    parts: list[list[Any]] = [[] for _ in fractions]
+    for g in sorted(groups):
+        rows = [groups[g][i] for i in torch.randperm(len(groups[g]), generator=gen).tolist()]
+        ends = [round(sum(fractions[: j + 1]) * len(rows)) for j in range(len(fractions))]
+        for j, part in enumerate(parts):
+            part += rows[(ends[j - 1] if j else 0) : ends[j]]
+    return parts

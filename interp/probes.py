@@ -45,10 +45,18 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.cache import atomic_write
-from interp.stats import Interval, auroc, bootstrap_ci
+from interp.stats import (
+    Interval,
+    auroc,
+    bootstrap_ci,
+    cluster_bootstrap_ci,
+    holm,
+    permutation_test,
+)
 
 __all__ = [
     "Classification",
+    "HeldOutProbe",
     "LayerProbeScore",
     "LinearProbe",
     "classify",
@@ -56,7 +64,9 @@ __all__ = [
     "fit_probe",
     "fit_probes",
     "group_folds",
+    "held_out_layer_probe",
     "probe_layers",
+    "token_counts",
 ]
 
 _FORMAT = "interp.LinearProbe"
@@ -399,3 +409,133 @@ def classify(probe: LinearProbe, x: Float[Tensor, "n d"], threshold: float = 0.5
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     proba = probe.predict_proba(x)
     return Classification(proba, proba >= threshold)
+
+
+def token_counts(
+    tokenizer: Any, texts: Sequence[str], rows: Bool[Tensor, " n"] | None = None
+) -> Float[Tensor, "n vocab"]:
+    """A bag of tokens: ``[n, vocab]`` counts of each text's tokens (no special tokens added).
+
+    The columns are the tokens that occur in ``rows`` (a mask over ``texts``; default every
+    text), in token-id order: restrict them to the rows a model is fit on, so the held-out
+    rows contribute no vocabulary of their own.
+    """
+    if rows is not None and rows.shape != (len(texts),):
+        raise ValueError(f"rows: a mask of {len(texts)} texts, got shape {tuple(rows.shape)}")
+    counts = torch.zeros(len(texts), len(tokenizer))
+    for r, text in enumerate(texts):
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        counts[r].index_add_(0, ids, torch.ones(len(ids)))
+    return counts[:, counts[rows if rows is not None else slice(None)].sum(0) > 0]
+
+
+def _split_auroc(p: Tensor, y: Tensor) -> float:
+    return auroc(p[y].double(), p[~y].double())
+
+
+@dataclass(frozen=True)
+class HeldOutProbe:
+    """What :func:`held_out_layer_probe` returns.
+
+    Attributes:
+        best_layer: the layer (index into ``acts``) with the highest validation AUROC.
+        validation_auroc_by_layer: per layer, the AUROC on the validation rows of a probe fit
+            on the training rows.
+        test: per feature set (``"probe"``, then each baseline): ``auroc`` (estimate and
+            cluster-bootstrap interval), ``permutation`` (label permutation test of the
+            AUROC, one-sided ``greater``) and ``p_holm`` (Holm over all feature sets).
+        differences: ``probe_minus_<baseline>``: the test-AUROC difference with a paired
+            cluster-bootstrap interval.
+        n: rows per split (``train``, ``val``, ``test``).
+        n_test_groups: distinct groups among the test rows (the bootstrap's clusters).
+    """
+
+    best_layer: int
+    validation_auroc_by_layer: list[float]
+    test: dict[str, dict[str, Any]]
+    differences: dict[str, dict[str, float]]
+    n: dict[str, int]
+    n_test_groups: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def held_out_layer_probe(
+    acts: Float[Tensor, "layer n d"],
+    y: Bool[Tensor, " n"],
+    split: Sequence[str],
+    groups: Sequence[Hashable],
+    baselines: Mapping[str, Float[Tensor, "n _"]] | None = None,
+    *,
+    l2: float = 1e-2,
+    n_boot: int = 1000,
+    n_perm: int = 1000,
+    seed: int = 0,
+) -> HeldOutProbe:
+    """A probe's layer chosen on held-out rows and tested once on others, with baselines.
+
+    ``split`` names each row ``"train"``, ``"val"`` or ``"test"`` (split by group, e.g. by
+    prompt, so no group straddles two splits). A probe per layer is fit on train and scored
+    (AUROC) on val; the best layer (the lowest on ties) is refit on train + val and scored
+    once on test, and so is every baseline feature set (e.g. a bag of tokens from
+    :func:`token_counts`, or layer 0) on the same rows. Test AUROCs and the differences
+    probe − baseline get a cluster bootstrap over ``groups`` (rows of one group are not
+    independent); label-permutation p-values get Holm over the probe and the baselines.
+
+    Raises:
+        ValueError: an unknown split name, mismatched lengths, or a split with one class.
+    """
+    n = acts.shape[1]
+    if len(split) != n or len(groups) != n or y.shape != (n,):
+        raise ValueError(
+            f"{n} rows of activations, {len(split)} split names, {len(groups)} "
+            f"groups and {tuple(y.shape)} labels"
+        )
+    if unknown := set(split) - {"train", "val", "test"}:
+        raise ValueError(f"split names are train, val and test; got {sorted(unknown)}")
+    baselines = dict(baselines or {})
+    if "probe" in baselines or any(b.shape[0] != n for b in baselines.values()):
+        raise ValueError(f"baselines: {n} rows each, none named 'probe'")
+    masks = {name: torch.tensor([s == name for s in split]) for name in ("train", "val", "test")}
+    tr, va, te = masks.values()
+    for name, m in zip(("train", "validation", "test"), masks.values(), strict=True):
+        if not (y[m].any() and (~y[m]).any()):
+            raise ValueError(f"the probe's {name} split has one label class")
+    val = [_split_auroc(fit_probe(a[tr], y[tr], l2=l2).predict_proba(a[va]), y[va]) for a in acts]
+    best = max(range(len(val)), key=lambda i: (val[i], -i))
+    fit, yt = tr | va, y[te]
+    feats = {"probe": acts[best], **baselines}
+    scores = {k: fit_probe(f[fit], y[fit], l2=l2).predict_proba(f[te]) for k, f in feats.items()}
+    g = [x for x, m in zip(groups, te.tolist(), strict=True) if m]
+    boot = dict(groups=g, n_boot=n_boot, seed=seed)
+    test: dict[str, dict[str, Any]] = {}
+    for k, p in scores.items():
+        perm = permutation_test(
+            p[yt].double(),
+            p[~yt].double(),
+            statistic=auroc,
+            n_perm=n_perm,
+            alternative="greater",
+            seed=seed,
+        )
+        test[k] = {
+            "auroc": cluster_bootstrap_ci(_split_auroc, p, yt, **boot).as_dict(),
+            "permutation": perm.as_dict(),
+        }
+    p_holm = holm([t["permutation"]["p_value"] for t in test.values()]).tolist()
+    for t, p_adj in zip(test.values(), p_holm, strict=True):
+        t["p_holm"] = p_adj
+
+    def minus(p: Tensor, q: Tensor, t: Tensor) -> float:
+        return _split_auroc(p, t) - _split_auroc(q, t)
+
+    diff = {
+        f"probe_minus_{b}": cluster_bootstrap_ci(
+            minus, scores["probe"], scores[b], yt, **boot
+        ).as_dict()
+        for b in baselines
+    }
+    return HeldOutProbe(
+        best, val, test, diff, {k: int(m.sum()) for k, m in masks.items()}, len(set(g))
+    )
