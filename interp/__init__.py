@@ -21,6 +21,7 @@ _SUBMODULES = {
     "chat",
     "checkpointing",
     "data",
+    "datasets",
     "directions",
     "families",
     "gradients",

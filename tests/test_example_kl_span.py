@@ -46,7 +46,7 @@ def test_every_category_context_and_polarity_is_covered(items):
 def test_three_options_exactly_one_unknown_and_target_recorded(items):
     for it in items:
         assert len(set(it.options)) == 3
-        unknown = [k for k, o in enumerate(it.options) if bbq._is_unknown_text(o)]
+        unknown = [k for k, o in enumerate(it.options) if bbq.is_unknown_text(o)]
         assert unknown == [it.unknown_label], it
         assert it.target_label is not None and it.target_label != it.unknown_label
         # The target option names the template's stereotyped group.
@@ -198,31 +198,6 @@ def test_lexicon_covers_every_official_bbq_category():
 
 
 # ------------------------------------------------------------------ parsing and scores
-
-
-@pytest.mark.parametrize(
-    ("text", "label", "method"),
-    [
-        ("B", 1, "letter"),
-        (" (C)", 2, "letter"),
-        ("A. The teenager", 0, "letter"),
-        ("**B**", 1, "letter"),
-        ("The answer is C.", 2, "letter"),
-        ("The elderly man.", 1, "option_text"),
-        ("A teenager", 2, "option_text"),  # the article, not option A
-        ("Cannot be determined", 0, "unknown_phrase"),
-        ("not enough information", 0, "unknown_phrase"),
-        ("the teenager or the elderly man", None, "unparseable"),
-        ("banana", None, "unparseable"),
-    ],
-)
-def test_parse_choice(text, label, method):
-    item = bbq.BBQItem(
-        "x", "t", "age", "ambig", "neg", "ctx", "q",
-        "Unknown", "The elderly man", "The teenager", 0, 1, 0,
-    )  # fmt: skip
-    choice = bbq.parse_choice(text, item)
-    assert (choice.label, choice.method) == (label, method)
 
 
 def _analysis(item, choice, sentences=(), **extra):
@@ -395,6 +370,7 @@ def test_end_to_end_official_data_tiny_model_bf16(kls, items, tmp_path):
     pairs; training is skipped and the report says so."""
     sample = [it for it in items if it.category in {"age", "gender", "religion"}]
     data, meta = write_official(sample, tmp_path)
+    assert bbq.main(["--official", str(data), "--metadata", str(meta)]) == 0  # the CLI reads it
     out = tmp_path / "run"
     assert (
         kls.main([*SMALL, "--data", str(data), "--bbq-metadata", str(meta), "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""The official BBQ release read as its analysis scripts read it (examples/bbq.py).
+"""The official BBQ release read as its analysis scripts read it (interp.datasets.bbq).
 
 The test writes a small release in the official format: category JSONL files (fields as
 in nyu-mll/BBQ ``data/*.jsonl``) and ``additional_metadata.csv`` as R's ``write.csv``
@@ -10,14 +10,10 @@ non-stereotyped group. Expected scores are computed by hand below, following
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import bbq
+from interp.datasets import bbq
 
 HEADER = (
     '"category","question_index","example_id","target_loc","label_type",'
@@ -202,4 +198,47 @@ def test_metadata_errors_and_scoring_guards(release, tmp_path):
         bbq.official_scores([no_target], [0])
     with pytest.raises(ValueError, match="choices"):
         bbq.official_scores(official.items, [0])
-    assert bbq.main(["--official", str(data), "--metadata", str(meta)]) == 0
+
+
+def test_from_record_keeps_the_official_category_lower_cased():
+    rec = _record("Gender_identity", "4", AGE_ROWS[0], AGE_INFO, AGE_OPTIONS)
+    it = bbq.from_record({**rec, "target_loc": 0})
+    assert it.category == "gender_identity" and it.target_label == 0
+    assert bbq.summary([it])["category"] == {"gender_identity": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "method"),
+    [
+        ("B", 1, "letter"),
+        (" (C)", 2, "letter"),
+        ("A. The teenager", 0, "letter"),
+        ("**B**", 1, "letter"),
+        ("The answer is C.", 2, "letter"),
+        ("The elderly man.", 1, "option_text"),
+        ("A teenager", 2, "option_text"),  # the article, not option A
+        ("Cannot be determined", 0, "unknown_phrase"),
+        ("not enough information", 0, "unknown_phrase"),
+        ("the teenager or the elderly man", None, "unparseable"),
+        ("banana", None, "unparseable"),
+    ],
+)
+def test_parse_choice(text, label, method):
+    item = bbq.BBQItem(
+        "x",
+        "t",
+        "age",
+        "ambig",
+        "neg",
+        "ctx",
+        "q",
+        "Unknown",
+        "The elderly man",
+        "The teenager",
+        0,
+        1,
+        0,
+    )
+    choice = bbq.parse_choice(text, item)
+    assert (choice.label, choice.method) == (label, method)
+    assert bbq.is_unknown_text("Can't be determined.") and not bbq.is_unknown_text("The teen")
