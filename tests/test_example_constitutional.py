@@ -1,11 +1,11 @@
 """examples/constitutional_pipeline.py: end to end on tiny models (bf16, a --data file written
 here, a plain-format base model with a separate critic, resume), and the study's own logic
-(prompt splits, labels, the held-out probe protocol)."""
+(bad data, labels). The prompt splits and the held-out probe protocol are library functions with
+their own tests (tests/test_data_fractions.py, tests/test_probe_held_out.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -52,16 +52,19 @@ def write_inputs(root: Path) -> list[str]:
     ]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "constitution.md").write_text("# T\n\n1. Be safe.\n2. Be kind.\n")
-    pairs = [{"id": "c1", "prompt": "Hi?", "good": "Hello!", "bad": "Go away."},
-             {"id": "c2", "prompt": "Help?", "good": "Sure.", "bad": "No, idiot."}]  # fmt: skip
+    pairs = [
+        {"id": "c1", "prompt": "Hi?", "good": "Hello!", "bad": "Go away."},
+        {"id": "c2", "prompt": "Help?", "good": "Sure.", "bad": "No, idiot."},
+    ]
     (root / "check.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return [
-        "--data", str(root / "prompts.jsonl"),
-        "--constitution", str(root / "constitution.md"),
-        "--critic-check", str(root / "check.jsonl"),
-        "--k", "3", "--max-new-tokens", "5", "--n-eval", "3", "--min-mass", "0",
-        "--n-boot", "50", "--n-perm", "30", "--epochs", "1", "--batch-size", "16",
-    ]  # fmt: skip
+    files = {
+        "data": "prompts.jsonl",
+        "constitution": "constitution.md",
+        "critic-check": "check.jsonl",
+    }
+    sizes = "--k 3 --max-new-tokens 5 --n-eval 3 --min-mass 0 --n-boot 50 --n-perm 30 --epochs 1"
+    paths = [x for k, f in files.items() for x in (f"--{k}", str(root / f))]
+    return [*paths, *sizes.split(), "--batch-size", "16"]
 
 
 def intervals(obj, path="report"):
@@ -157,18 +160,6 @@ def test_bad_data_is_refused(cp, tmp_path):
             cp.Settings.parse(bad, "x")
 
 
-def test_deal_is_a_stratified_partition(cp):
-    prompts = [{"id": f"{t}{i}", "type": t} for t in TYPES for i in range(8)]
-    parts = cp.deal(prompts, [0.25, 0.25, 0.5], seed=3)
-    flat = [i for p in parts for i in p]
-    assert sorted(flat) == sorted(p["id"] for p in prompts)  # disjoint and complete
-    for part, frac in zip(parts, (0.25, 0.25, 0.5), strict=True):
-        for t in TYPES:
-            assert sum(i.startswith(t) for i in part) == 8 * frac
-    assert cp.deal(prompts, [0.25, 0.25, 0.5], seed=3) == parts
-    assert cp.deal(prompts, [0.25, 0.25, 0.5], seed=4) != parts
-
-
 def test_labels_fall_back_to_a_median_split(cp):
     x = torch.tensor([1.9, 2.0, 2.1, 2.2, 2.3, 2.4], dtype=torch.float64)
     y, info = cp.make_labels(x, "auto", 4.0)
@@ -178,53 +169,3 @@ def test_labels_fall_back_to_a_median_split(cp):
     assert info["rule"] == "safe" and y.sum() == 4
     with pytest.raises(ValueError, match="one side"):
         cp.make_labels(x, "safe", 4.0)
-
-
-def test_probe_layer_is_chosen_on_validation_and_compared_with_bag_of_words(cp):
-    """Only layer 2 carries the label (and every layer can fit the training rows perfectly):
-    the protocol must pick layer 2 on validation and beat a bag of words that carries none;
-    with the label in the token counts instead, the bag of words must win."""
-    g = torch.Generator().manual_seed(0)
-    n_prompts, k, d = 40, 4, 64
-    groups = [f"p{i // k}" for i in range(n_prompts * k)]
-    part = [("val", "test", "train", "train")[(i // k) % 4] for i in range(n_prompts * k)]
-    y = torch.rand(n_prompts * k, generator=g) < 0.5
-    acts = torch.randn(4, n_prompts * k, d, generator=g)
-    acts[2, :, 0] += 3.0 * y
-    counts = torch.poisson(torch.full((n_prompts * k, 30), 2.0), generator=g)
-    s = cp.Settings(n_boot=200, n_perm=200)
-    res = cp.probe_analysis(acts, counts, y, groups, part, s)
-    assert res["best_layer"] == 2
-    assert res["test"]["probe"]["auroc"]["estimate"] > 0.9
-    assert res["differences"]["probe_minus_bag_of_words"]["low"] > 0.2
-    assert res["test"]["probe"]["p_holm"] < 0.05 and res["test"]["bag_of_words"]["p_holm"] > 0.05
-    assert res["n"] == {"train": 80, "val": 40, "test": 40} and res["n_test_prompts"] == 10
-    counts[:, 5] += 4.0 * y
-    acts[2, :, 0] -= 3.0 * y
-    res = cp.probe_analysis(acts, counts, y, groups, part, s)
-    assert res["test"]["bag_of_words"]["auroc"]["estimate"] > 0.9
-    assert res["differences"]["probe_minus_bag_of_words"]["high"] < 0
-    assert math.isfinite(res["test"]["layer0"]["auroc"]["estimate"])
-
-
-def test_intervals_resample_prompts_not_rows(cp):
-    """Three copies of every reply of a prompt add no information: with a cluster bootstrap by
-    prompt the test intervals stay the same (a row bootstrap would narrow them ~1.7x)."""
-    g = torch.Generator().manual_seed(1)
-    n = 120
-    groups = [f"p{i}" for i in range(n)]
-    part = [("val", "test", "train", "train")[i % 4] for i in range(n)]
-    y = torch.rand(n, generator=g) < 0.5
-    acts = torch.randn(3, n, 16, generator=g)
-    acts[1, :, 0] += 1.0 * y
-    counts = torch.poisson(torch.full((n, 20), 2.0), generator=g)
-    s = cp.Settings(n_boot=300, n_perm=50)
-    one = cp.probe_analysis(acts, counts, y, groups, part, s)
-    rep = torch.arange(n).repeat_interleave(3)
-    three = cp.probe_analysis(acts[:, rep], counts[rep], y[rep], [groups[i] for i in rep],
-                              [part[i] for i in rep], s)  # fmt: skip
-    assert three["best_layer"] == one["best_layer"] == 1
-    for name in ("probe", "bag_of_words"):
-        a, b = one["test"][name]["auroc"], three["test"][name]["auroc"]
-        assert b["estimate"] == pytest.approx(a["estimate"], abs=1e-6)
-        assert b["high"] - b["low"] == pytest.approx(a["high"] - a["low"], rel=0.1)
