@@ -25,21 +25,23 @@ import gc
 import json
 import random
 from collections import Counter
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from interp import stats, viz
+from interp.chat import conversations
 from interp.data import load_records
 from interp.runs import capture_dataset, generate, score
-from interp.sae import SAETrainConfig, TopKSAE, evaluate
-from interp.sae.pooled import ablation_nll, matched_features, train_on_rows
+from interp.sae import SAETrainConfig, evaluate
+from interp.sae.compare import cluster_features, dense_codes, paired_feature_tests
+from interp.sae.compare import top_row_means, top_rows
+from interp.sae.pooled import matched_ablation_nll, train_on_rows
 
 NAME = "sae_base_chat_delta"
 DATA = Path(__file__).resolve().parent / "data" / "sae"
-TEXT = json.loads((DATA / "study.json").read_text())  # question, methods, prompt
+TEXT = json.loads((DATA / "study.json").read_text())  # question, methods, prompt, plot text
 SHIPPED = ("cultural", "control_english", "control_hindi")
 HOOK = "blocks.{}.hook_resid_post"
 KINDS = ("base", "chat", "delta")
@@ -48,38 +50,33 @@ NO_EFFECT = 1e-6  # nats: an ablation whose largest |Δ NLL| is below this chang
 
 @dataclasses.dataclass(frozen=True)
 class Settings(C.Settings):
-    QUICK: ClassVar[dict[str, Any]] = {
-        "n_per_set": 32, "sae_mult": 2.0, "k": 16, "sae_steps": 200, "resample_every": 60,
-        "n_boot": 200, "n_ci": 10, "top_examples": 5, "n_clusters": 4, "n_causal": 8,
-        "n_random": 20, "causal_layers": "mid", "lora_epochs": 1, "lora_lr": 2e-3,
-    }  # fmt: skip
     base_model: str | None = C.field(None, "base model (default: --model)")
     chat_model: str | None = C.field(None, "chat model (default: base + LoRA on chat_sft.jsonl)")
     text_column: str = C.field("text", "--data column holding the sentence")
     group_column: str = C.field("group", "--data column naming the sentence's set")
     cultural_group: str = C.field("cultural", "the set value of cultural sentences")
-    n_per_set: int | None = C.field(None, "sentences per set (None: all)")
+    n_per_set: int | None = C.field(None, "sentences per set (None: all)", quick=32)
     layers: tuple[float, ...] = C.field((0.25, 0.5, 0.75), "layers as fractions of depth")
     heldout_frac: float = C.field(0.2, "cultural sentences held out of SAE training")
-    sae_mult: float = C.field(4.0, "SAE width d_sae = sae_mult × d_model")
-    k: int = C.field(32, "TopK latents per row")
-    sae_steps: int = C.field(1500, "SAE training steps")
+    sae_mult: float = C.field(4.0, "SAE width d_sae = sae_mult × d_model", quick=2.0)
+    k: int = C.field(32, "TopK latents per row", quick=16)
+    sae_steps: int = C.field(1500, "SAE training steps", quick=200)
     sae_batch: int = C.field(32, "rows per SAE step")
     sae_lr: float = C.field(1e-3, "SAE learning rate")
     dead_window: int = C.field(20, "a latent is dead after this many batches without firing")
-    resample_every: int | None = C.field(400, "resample dead latents every N steps (None: off)")
-    n_boot: int = C.field(1000, "bootstrap resamples")
+    resample_every: int | None = C.field(400, "dead-latent resample period (None: off)", quick=60)
+    n_boot: int = C.field(1000, "bootstrap resamples", quick=200)
     n_perm: int = C.field(999, "permutations / sign flips per test")
-    n_ci: int = C.field(25, "top features per layer (BH-significant first) with an interval")
-    top_examples: int = C.field(8, "top sentences per feature")
-    n_clusters: int = C.field(8, "k-means clusters over features")
+    n_ci: int = C.field(25, "top features per layer (BH-significant first) with a CI", quick=10)
+    top_examples: int = C.field(8, "top sentences per feature", quick=5)
+    n_clusters: int = C.field(8, "k-means clusters over features", quick=4)
     embed: bool = C.field(True, "cluster on all-MiniLM-L6-v2 (else on base activations)")
-    n_causal: int = C.field(16, "top features (BH-significant first) ablated in the causal check")
-    n_random: int = C.field(60, "firing-rate-matched random sets (rank test: p >= 1/(n+1))")
+    n_causal: int = C.field(16, "top features (BH-significant first) in the causal check", quick=8)
+    n_random: int = C.field(60, "firing-rate-matched random sets (rank p >= 1/(n+1))", quick=20)
     n_bins: int = C.field(5, "firing-rate quantile bins for the matched draw")
-    causal_layers: str = C.field("all", "layers of the causal check", choices=("mid", "all"))
-    lora_epochs: int = C.field(5, "offline chat stand-in: LoRA epochs")
-    lora_lr: float = C.field(1e-3, "offline chat stand-in: LoRA learning rate")
+    causal_layers: str = C.field("all", "causal check layers", choices=("mid", "all"), quick="mid")
+    lora_epochs: int = C.field(5, "offline chat stand-in: LoRA epochs", quick=1)
+    lora_lr: float = C.field(1e-3, "offline chat stand-in: LoRA learning rate", quick=2e-3)
     lora_r: int = C.field(8, "offline chat stand-in: LoRA rank")
     label_model: str | None = C.field(None, "chat LM that labels the top features (None: none)")
     label_tokens: int = C.field(24, "tokens per generated label")
@@ -88,18 +85,13 @@ class Settings(C.Settings):
         super().__post_init__()
         ints = [f.name for f in dataclasses.fields(self) if type(getattr(self, f.name)) is int]
         if small := [n for n in ints if getattr(self, n) < (2 if n == "n_per_set" else 1)]:
-            raise ValueError(
-                f"{', '.join(map(self.flag, small))}: too small (>= 1; n-per-set >= 2)"
-            )
+            raise ValueError(f"{', '.join(map(self.flag, small))}: must be >= 1 (n-per-set >= 2)")
         default = {f.name: f.default for f in dataclasses.fields(self)}
         off = dict.fromkeys(("lora_epochs", "lora_lr", "lora_r"), self.chat_model)
         off |= {"label_tokens": self.label_model is None, "model": self.base_model}
-        changed = [n for n in off if getattr(self, n) not in (default[n], self.QUICK.get(n))]
-        if unused := [n for n in changed if off[n]]:  # no flag is silently ignored
-            flags = ", ".join(map(self.flag, unused))
-            raise ValueError(
-                f"{flags}: unused with the given --chat-model / --label-model / --base-model"
-            )
+        changed = [n for n in off if getattr(self, n) not in (default[n], self.preset().get(n))]
+        if unused := ", ".join(self.flag(n) for n in changed if off[n]):  # none silently ignored
+            raise ValueError(f"{unused}: unused given --chat-model/--label-model/--base-model")
         if not 0 <= self.heldout_frac < 1 or self.sae_mult <= 0:
             raise ValueError("--heldout-frac must be in [0, 1) and --sae-mult > 0")
 
@@ -114,9 +106,7 @@ def read_sets(s: Settings) -> tuple[list[str], list[str]]:
     sets: dict[str, list[str]] = {}
     for i, r in enumerate(r for p in paths for r in load_records(p, cols, keep_unmapped=False)):
         if not isinstance(r["text"], str) or not r["text"].strip():
-            raise ValueError(
-                f"row {i}: column {s.text_column!r} is empty or not text: {r['text']!r}"
-            )
+            raise ValueError(f"row {i}: {s.text_column!r} is empty or not text: {r['text']!r}")
         sets.setdefault(str(r["group"]), []).append(r["text"])
     if len(sets.get(s.cultural_group, ())) < 4 or len(sets) < 2:
         raise ValueError(
@@ -132,11 +122,10 @@ def read_sets(s: Settings) -> tuple[list[str], list[str]]:
 def release() -> None:
     """Free the memory of a model the caller has just dropped (one model resident at a time)."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 
-def pooled(model: Any, texts: list[str], layers: list[int], s: Settings) -> dict[int, Tensor]:
+def pooled(model, texts: list[str], layers: list[int], s: Settings) -> dict[int, Tensor]:
     """Mean-pooled residual stream per sentence, special tokens (BOS) left out: {layer: [n, d]}."""
     names = [HOOK.format(ly) for ly in layers]
     acts = capture_dataset(
@@ -145,82 +134,44 @@ def pooled(model: Any, texts: list[str], layers: list[int], s: Settings) -> dict
     return {ly: acts[name].cpu() for ly, name in zip(layers, names, strict=True)}
 
 
-def lora_chat(model: Any, s: Settings) -> dict[str, Any]:
+def lora_chat(model, s: Settings) -> dict:
     """Fine-tune ``model`` in place with LoRA; the adapter stays active (the chat stand-in)."""
     import interp.train as T
 
     rows = C.read_jsonl(DATA / "chat_sft.jsonl")
-    examples = [
-        {"prompt": [{"role": "user", "content": r["prompt"]}], "response": r["response"]}
-        for r in rows
-    ]
+    convs = conversations(None, [r["prompt"] for r in rows])
+    examples = [{"prompt": c, "response": r["response"]} for c, r in zip(convs, rows, strict=True)]
     lora = {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "lr": s.lora_lr, "epochs": s.lora_epochs}
     config = T.TrainConfig(**lora, batch_size=4, seed=s.seed, warmup_ratio=0.1)
     res = T.train(model, examples, T.SFTLoss(), config, tokenizer=model.tokenizer)
     return {"kind": "lora_on_base", "steps": res.steps, "loss": [res.losses[0], res.losses[-1]]}
 
 
-# ---- SAEs and per-feature statistics --------------------------------------------------------
-def encode(sae: TopKSAE, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return sae.encode_dense(x.to(sae.W_enc.device)).cpu()
-
-
-def feature_tests(zc: Tensor, zb: Tensor, s: Settings) -> list[dict[str, Any]]:
-    """Per feature that varies: Cohen's d (pooled SD), d_z (SD of the paired differences) and a
-    paired sign-flip p-value, BH-adjusted over the features; ranked BH-significant first, then
-    by |d| (a feature firing on one sentence under one model has |d| = √(2/n) but p = 1)."""
-    diff = zc.double() - zb.double()
-    alive = ((zc.std(0) > 0) | (zb.std(0) > 0)).nonzero().flatten().tolist()
-    p = stats.sign_flip_columns(diff[:, alive], n_perm=s.n_perm, seed=s.seed).p_value.tolist()
-    p_bh = stats.benjamini_hochberg(p).tolist()
-    rows = []
-    for j, pj, qj in zip(alive, p, p_bh, strict=True):
-        sd = float(diff[:, j].std())
-        d_z = float(diff[:, j].mean()) / sd if sd > 0 else None
-        d = stats.cohens_d(zc[:, j], zb[:, j])
-        rows.append({"feature": j, "d": d, "d_z": d_z, "p": pj, "p_bh": qj})
-    return sorted(rows, key=lambda r: (r["p_bh"] >= 0.05, -abs(r["d"])))  # significant first
-
-
-def cluster(codes: dict, emb: Tensor, s: Settings) -> dict[str, Any]:
+# ---- clustering and the causal check ---------------------------------------------------------
+def cluster(codes: dict, emb: Tensor, s: Settings) -> dict:
     """k-means over every alive feature of the nine SAEs, each the mean embedding of its top
-    sentences; delta enrichment = delta share in a cluster / overall, with a permutation test
-    of the largest (kind labels shuffled over features)."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
-    vecs, kinds = [], []
-    for (kind, _), z in codes.items():
-        val, idx = z.topk(min(s.top_examples, len(z)), dim=0)  # [t, features]
-        w = (val > 0).float()[..., None]
-        alive = (z > 0).any(0)
-        vecs.append(F.normalize(((emb[idx] * w).sum(0) / w.sum(0).clamp_min(1.0))[alive], dim=1))
-        kinds += [kind] * int(alive.sum())
-    X = torch.cat(vecs).numpy()
-    k = max(1, min(s.n_clusters, len(X) - 1))
-    km = KMeans(n_clusters=k, n_init=10, random_state=s.seed).fit(X)
-    labels = torch.as_tensor(km.labels_, dtype=torch.long)
-    is_delta = torch.tensor([kd == "delta" for kd in kinds])
-    enrichment, test = stats.enrichment_test(labels, is_delta, k, n_perm=s.n_perm, seed=s.seed)
-    nearest = (emb @ torch.as_tensor(km.cluster_centers_, dtype=emb.dtype).T).argmax(1)
-    by_kind = Counter(zip(labels.tolist(), kinds, strict=True))
+    sentences; delta enrichment per cluster with a permutation test of the largest."""
+    alive = {k: (z > 0).any(0) for k, z in codes.items()}
+    vecs = torch.cat([top_row_means(z, emb, s.top_examples)[alive[k]] for k, z in codes.items()])
+    kinds = [kind for (kind, _), a in alive.items() for _ in range(int(a.sum()))]
+    vecs = F.normalize(vecs, dim=1)
+    km = cluster_features(vecs, kinds, "delta", s.n_clusters, n_perm=s.n_perm, seed=s.seed)
+    nearest = (emb @ km.centers.T).argmax(1)
+    by_kind = Counter(zip(km.labels.tolist(), kinds, strict=True))
     clusters = [
         {
             "cluster": c,
-            "n_features": int((labels == c).sum()),
+            "n_features": int((km.labels == c).sum()),
             "by_kind": {kd: by_kind[c, kd] for kd in KINDS},
             "delta_enrichment": float(e),
             "nearest_sentences": (nearest == c).nonzero().flatten().tolist(),
         }
-        for c, e in enumerate(enrichment.tolist())
+        for c, e in enumerate(km.enrichment.tolist())
     ]
-    sil = float(silhouette_score(X, km.labels_)) if 1 < k < len(X) else None
-    out = {"n_alive_features": len(X), "k": k, "silhouette": sil}
-    return {**out, "max_enrichment_test": test.as_dict(), "clusters": clusters}
+    out = {"n_alive_features": len(kinds), "k": km.k, "silhouette": km.silhouette}
+    return {**out, "max_enrichment_test": km.test.as_dict(), "clusters": clusters}
 
 
-# ---- causal check ---------------------------------------------------------------------------
 def specificity(cult: Tensor, ctrl: Tensor) -> Tensor:
     """Scale-free cultural specificity of ablation effects, per column (feature set):
     (mean Δ cultural − mean Δ control) / (|mean Δ cultural| + |mean Δ control|), in [−1, 1]
@@ -229,30 +180,21 @@ def specificity(cult: Tensor, ctrl: Tensor) -> Tensor:
     return (a - b) / (a.abs() + b.abs()).clamp_min(1e-12)
 
 
-def causal_layer(model, texts, groups, cult, ctrl, clean, sae, scale, rate, tested, s, rng, layer):
-    """Δ NLL when the pooled-vector share of ``tested`` is removed (``ablation_nll``), against
-    ``n_random`` sets of latents from the same firing-rate bins (column 0 of ``e`` is tested)."""
-    sets = [
-        matched_features(rate, tested, n_bins=s.n_bins, generator=rng) for _ in range(s.n_random)
-    ]
-    hook = HOOK.format(layer)
-    e = ablation_nll(
-        model, texts, hook, sae, [tested, *sets], scale, baseline=clean, batch_size=s.batch_size
-    )
+def causal_layer(e: Tensor, sets: list, rate: Tensor, tested: list, groups, cult, ctrl, s) -> dict:
+    """The ablation Δ NLL of ``tested`` (column 0 of ``e``) against the random sets of latents
+    from the same firing-rate bins (columns 1:): the contrast, its tests and the means."""
     cc = stats.control_contrast(
         e, cult, ctrl, specificity, n_boot=s.n_boot, n_perm=s.n_perm, seed=s.seed
     )
     by_set = e.T.contiguous()  # [sets, sentences]: row 0 tested, then the random sets
     rows = {g: [i for i, x in enumerate(groups) if x == g] for g in dict.fromkeys(groups)}
+    parts = {"cultural": cult, "control": ctrl}
     return {
         "tested": tested,
         "firing_rate_tested": float(rate[tested].mean()),
         "firing_rate_random": [float(rate[f].mean()) for f in sets],
-        "dnll_tested": {"cultural": float(e[cult, 0].mean()), "control": float(e[ctrl, 0].mean())},
-        "dnll_random": {
-            "cultural": float(e[cult, 1:].mean()),
-            "control": float(e[ctrl, 1:].mean()),
-        },
+        "dnll_tested": {k: float(e[ix, 0].mean()) for k, ix in parts.items()},
+        "dnll_random": {k: float(e[ix, 1:].mean()) for k, ix in parts.items()},
         "specificity_tested": float(cc.per_column[0]),
         "specificity_random": cc.per_column[1:].tolist(),
         "contrast": cc.contrast.as_dict(),
@@ -266,24 +208,26 @@ def causal_layer(model, texts, groups, cult, ctrl, clean, sae, scale, rate, test
     }
 
 
-def verdicts(causal: dict[int, dict[str, Any]], n_random: int) -> None:
+def verdicts(causal: dict[int, dict], n_random: int) -> None:
     """Holm over layers for both tests; 'supported' needs both adjusted p < 0.05, the contrast
     interval > 0 and SI(tested) > 0; 'uninformative' if an ablation changed nothing or the
     rank test cannot reach 0.05 (its smallest Holm p is n_layers / (n_random + 1))."""
+    rs = list(causal.values())
     for key in ("p_sentence_permutation", "p_rank_among_random"):
-        adjusted = stats.holm([r[key] for r in causal.values()]).tolist()
-        for r, p in zip(causal.values(), adjusted, strict=True):
+        for r, p in zip(rs, stats.holm([r[key] for r in rs]).tolist(), strict=True):
             r[key + "_holm"] = p
-    for r in causal.values():
+    for r in rs:
         ok = max(r["p_sentence_permutation_holm"], r["p_rank_among_random_holm"]) < 0.05
         ok = ok and r["contrast"]["low"] > 0 and r["specificity_tested"] > 0
         informative = r["ablation_changed_nll"] and len(causal) / (n_random + 1) < 0.05
         r["verdict"] = "supported" if ok else "not supported" if informative else "uninformative"
 
 
-def interval_bars(cis: dict[str, dict], path: Path, title: str, xlabel: str) -> None:
+def interval_bars(cis: dict[str, dict], out: Path, name: str, *fmt: object) -> None:
+    """Bars with interval whiskers to ``out/name.png``, titled from study.json."""
+    (title, xlabel), path = TEXT["plots"][name], out / f"{name}.png"
     values = [[c[key] for c in cis.values()] for key in ("estimate", "low", "high")]
-    viz.bars_with_interval(list(cis), *values, path, title=title, xlabel=xlabel)
+    viz.bars_with_interval(list(cis), *values, path, title=title.format(*fmt), xlabel=xlabel)
 
 
 # ---- the study ------------------------------------------------------------------------------
@@ -325,10 +269,8 @@ def study(s: Settings, report: C.Report) -> None:
         acts["delta"] = {ly: acts["chat"][ly] - acts["base"][ly] for ly in layers}
         if all(float(acts["delta"][ly].abs().max()) == 0 for ly in layers):
             raise ValueError("base and chat activations are identical: nothing to compare")
-        rel = {
-            ly: acts["delta"][ly].norm(dim=1).mean() / acts["base"][ly].norm(dim=1).mean()
-            for ly in layers
-        }
+        norm = {k: {ly: x.norm(dim=1).mean() for ly, x in acts[k].items()} for k in KINDS}
+        rel = {ly: norm["delta"][ly] / norm["base"][ly] for ly in layers}
         report["model"] = {
             "base": s.base_model or s.model,
             "chat": s.chat_model or "base+LoRA",
@@ -339,14 +281,10 @@ def study(s: Settings, report: C.Report) -> None:
         }
 
     saes, scales, codes, rows = {}, {}, {}, []
+    sched = {"warmup_steps": min(20, s.sae_steps), "resample_every": s.resample_every}
+    dead = s.dead_window * s.sae_batch  # rows: one per sentence
     cfg = SAETrainConfig(
-        lr=s.sae_lr,
-        max_steps=s.sae_steps,
-        warmup_steps=min(20, s.sae_steps),
-        seed=s.seed,
-        dead_tokens=s.dead_window * s.sae_batch,
-        resample_every=s.resample_every,
-        progress=False,
+        lr=s.sae_lr, max_steps=s.sae_steps, seed=s.seed, dead_tokens=dead, progress=False, **sched
     )
     d_sae = max(s.k + 1, round(s.sae_mult * acts["base"][mid].shape[1]))
     with report.step("train_saes"):
@@ -357,52 +295,42 @@ def study(s: Settings, report: C.Report) -> None:
                 x[train], d_sae, s.k, cfg, batch_size=s.sae_batch, hook_name=hook, device=dev
             )
             xs = x / scales[kind, ly]
-            saes[kind, ly], codes[kind, ly] = sae, encode(sae, xs)
+            saes[kind, ly], codes[kind, ly] = sae, dense_codes(sae, xs)
             sets = {"control": ctrl, "heldout_cultural": held, "train": train}
             ev = {n: evaluate(sae, [xs[ix]])._asdict() for n, ix in sets.items() if ix}
             meta = {"kind": kind, "layer": ly, "d_sae": sae.d_sae, "k": sae.k}
             rows.append({**meta, "train_dead_fraction": res.history[-1].dead_fraction, **ev})
         report["saes"] = rows
     fvu = [[r["control"]["fvu"] for r in rows if r["kind"] == kd] for kd in KINDS]
-    title = "SAE FVU on the control sets (trained on cultural)"
-    viz.heatmap(
-        fvu, layers, KINDS, title, out / "sae_validation.png", xlabel="layer", annotate=True
-    )
+    title, path = TEXT["plots"]["sae_validation"], out / "sae_validation.png"
+    viz.heatmap(fvu, layers, KINDS, title, path, xlabel="layer", annotate=True)
 
     with report.step("cohens_d"):
         report["cohens_d"] = per_layer = {}
         for ly in layers:
             zc = codes["chat", ly]
-            zb = encode(saes["chat", ly], acts["base"][ly] / scales["chat", ly])
-            tests = feature_tests(zc, zb, s)
-            for r in tests[: s.n_ci]:
+            zb = dense_codes(saes["chat", ly], acts["base"][ly] / scales["chat", ly])
+            tests = paired_feature_tests(
+                zc, zb, n_perm=s.n_perm, seed=s.seed, n_ci=s.n_ci, n_boot=s.n_boot
+            )
+            top = [t.as_dict() for t in tests[: s.n_ci]]
+            for r in top:  # a feature may fire under one model only: top sentences by the max
                 j = r["feature"]
-                ci = stats.paired_bootstrap_ci(
-                    stats.cohens_d, zc[:, j], zb[:, j], n_boot=s.n_boot, seed=s.seed
-                )
-                r["ci"] = ci.as_dict()
-                z = torch.maximum(zc[:, j], zb[:, j])  # a feature may fire under one model only
-                top = [i for i in z.argsort(descending=True)[: s.top_examples].tolist() if z[i] > 0]
                 r["top_examples"] = [
                     dict(text=texts[i], group=groups[i], chat=float(zc[i, j]), base=float(zb[i, j]))
-                    for i in top
+                    for i in top_rows(torch.maximum(zc[:, j], zb[:, j]), s.top_examples)
                 ]
-            sig = [r for r in tests if r["p_bh"] < 0.05]
+            sig = [t for t in tests if t.p_bh < 0.05]
             per_layer[ly] = {
                 "n_features_tested": len(tests),
                 "n_bh_significant": len(sig),
-                "n_abs_d_gt_0.8_and_bh": sum(abs(r["d"]) > 0.8 for r in sig),
-                "max_abs_d": max((abs(r["d"]) for r in tests), default=None),
-                "top": tests[: s.n_ci],
-                "ranked": [r["feature"] for r in tests],
+                "n_abs_d_gt_0.8_and_bh": sum(abs(t.d) > 0.8 for t in sig),
+                "max_abs_d": max((abs(t.d) for t in tests), default=None),
+                "top": top,
+                "ranked": [t.feature for t in tests],
             }
     top = per_layer[mid]["top"]
-    interval_bars(
-        {f"f{r['feature']}": r["ci"] for r in top},
-        out / "cohens_d.png",
-        f"layer {mid}: top chat-SAE features (BH-significant first, by |d|)",
-        "Cohen's d (chat − base), paired bootstrap 95% CI",
-    )
+    interval_bars({f"f{r['feature']}": r["ci"] for r in top}, out, "cohens_d", mid)
 
     with report.step("clustering"):  # sentences embedded to describe features by their top ones
         if s.embed:  # the examples extra; --no-embed clusters without it
@@ -420,34 +348,31 @@ def study(s: Settings, report: C.Report) -> None:
     with report.step("causal"):
         clean = score(model, texts, batch_size=s.batch_size).nll
         rng, causal = torch.Generator().manual_seed(s.seed), {}
+        draw = {"n_random": s.n_random, "n_bins": s.n_bins, "generator": rng}  # random sets
+        draw |= {"baseline": clean, "batch_size": s.batch_size}
         for ly in [mid] if s.causal_layers == "mid" else layers:
             rate = (codes["chat", ly] > 0).float().mean(0)  # firing rate over all sentences
             tested = per_layer[ly]["ranked"][: s.n_causal]
-            sae, scale = saes["chat", ly], scales["chat", ly]
-            args = (model, texts, groups, cult, ctrl, clean, sae, scale, rate, tested, s, rng, ly)
-            causal[ly] = causal_layer(*args)
+            sae, scale, hook = saes["chat", ly], scales["chat", ly], HOOK.format(ly)
+            e, sets = matched_ablation_nll(model, texts, hook, sae, tested, rate, scale, **draw)
+            causal[ly] = causal_layer(e, sets, rate, tested, groups, cult, ctrl, s)
         verdicts(causal, s.n_random)
         report["causal"] = causal
-        interval_bars(
-            {f"layer {ly}": r["contrast"] for ly, r in causal.items()},
-            out / "causal_effect.png",
-            "cultural specificity: tested − matched random",
-            "SI(tested) − mean SI(matched random), bootstrap 95% CI",
-        )
+    interval_bars({f"layer {ly}": r["contrast"] for ly, r in causal.items()}, out, "causal_effect")
     del model
     release()
 
     with report.step("labels"):  # --label-model (loaded alone) names each top feature, greedily
         if s.label_model:
-            labeler = C.load(s, s.label_model)
+            lm = C.load(s, s.label_model)
             xs = ["\n".join(f"- {e['text']}" for e in r["top_examples"]) for r in top]
             prompts = [[{"role": "user", "content": TEXT["label_prompt"].format(x)}] for x in xs]
             gens = generate(
-                labeler, prompts, max_new_tokens=s.label_tokens, batch_size=s.batch_size, stop="\n"
+                lm, prompts, max_new_tokens=s.label_tokens, batch_size=s.batch_size, stop="\n"
             )
             for r, text in zip(top, gens.texts, strict=True):
                 r["label"] = text.strip()
-            del labeler
+            del lm
             release()
         report["labels"] = {"model": s.label_model, "labels": [r.get("label") for r in top]}
     d, cl = per_layer[mid], report["clustering"]["max_enrichment_test"]

@@ -1,11 +1,12 @@
 """examples/sae_base_chat_delta.py: end to end on a tiny bf16 model with a --data file written
-here (its own column names), plus the study's paired per-feature statistics and its input
-checks."""
+here (its own column names), plus the study's specificity statistic and its input checks
+(the paired per-feature tests are interp.sae.compare's, tested in test_sae_compare.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -21,10 +22,20 @@ def study():
 
 
 def write_data(path, cultural: int = 8, per_control: int = 6):
-    rows = [{"sentence": f"During festival {i} we light diyas and share sweets number {i}.",
-             "source": "culture"} for i in range(cultural)]  # fmt: skip
-    rows += [{"sentence": f"The committee reviews proposal {i} on weekday {i % 5}.",
-              "source": "generic_en"} for i in range(per_control)]  # fmt: skip
+    rows = [
+        {
+            "sentence": f"During festival {i} we light diyas and share sweets number {i}.",
+            "source": "culture",
+        }
+        for i in range(cultural)
+    ]
+    rows += [
+        {
+            "sentence": f"The committee reviews proposal {i} on weekday {i % 5}.",
+            "source": "generic_en",
+        }
+        for i in range(per_control)
+    ]
     rows += [
         {"sentence": f"बैंक सुबह {i} बजे खुलता है।", "source": "generic_hi"} for i in range(per_control)
     ]
@@ -32,13 +43,11 @@ def write_data(path, cultural: int = 8, per_control: int = 6):
     return path
 
 
-SMALL = [
-    "--model", "tiny:llama", "--dtype", "bfloat16", "--quick",
-    "--text-column", "sentence", "--group-column", "source", "--cultural-group", "culture",
-    "--sae-steps", "30", "--resample-every", "10", "--n-boot", "30", "--n-perm", "49",
-    "--n-ci", "3", "--top-examples", "3", "--n-clusters", "3", "--n-random", "3",
-    "--n-causal", "2", "--n-bins", "2", "--no-embed",
-]  # fmt: skip
+SMALL = shlex.split(
+    "--model tiny:llama --dtype bfloat16 --quick --text-column sentence --group-column source "
+    "--cultural-group culture --sae-steps 30 --resample-every 10 --n-boot 30 --n-perm 49 "
+    "--n-ci 3 --top-examples 3 --n-clusters 3 --n-random 3 --n-causal 2 --n-bins 2 --no-embed"
+)
 
 
 def test_study_runs_on_a_tiny_bf16_model_with_a_data_file(study, tmp_path):
@@ -89,22 +98,6 @@ def test_identical_base_and_chat_models_are_an_error(study, tmp_path):
     argv = [*SMALL[:4], "--chat-model", "tiny:llama", "--n-per-set", "4", "--no-embed"]
     with pytest.raises(ValueError, match="identical"):
         study.main([*argv, "--out", str(tmp_path)])
-
-
-def test_feature_tests_are_paired(study):
-    """A small shift shared by every sentence, under large between-sentence variation: the
-    paired sign-flip test finds it though Cohen's d is small; unpaired tests would not."""
-    g = torch.Generator().manual_seed(0)
-    zb = torch.rand(40, 3, generator=g) * 10
-    zc = zb.clone()
-    zc[:, 0] += 0.3 + 0.1 * torch.randn(40, generator=g)  # a consistent shift
-    zc[:, 1] += torch.randn(40, generator=g) * 0.3  # noise, no shift
-    s = study.Settings.parse(["--n-perm", "999"], NAME)
-    rows = {r["feature"]: r for r in study.feature_tests(zc, zb, s)}
-    assert abs(rows[0]["d"]) < 0.2 and rows[0]["p"] < 0.01 and rows[0]["d_z"] > 1
-    assert rows[1]["p"] > 0.05
-    assert rows[2]["d"] == 0 and rows[2]["p"] == 1  # unchanged between the models
-    assert rows[0]["p_bh"] == pytest.approx(3 * rows[0]["p"])  # BH over the three
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ rate (dead ones, or ones that fire on everything) would not be.
 
 ``train_on_rows`` fits a ``TopKSAE`` to pooled rows held in memory (with the ``input_scale``
 ``pooled_splice`` takes); ``ablation_nll`` gives each text's Δ NLL when each of several
-latent sets (a tested set and its matched controls) is removed from its pooled vector.
+latent sets (a tested set and its matched controls) is removed from its pooled vector;
+``matched_ablation_nll`` draws the matched control sets and does both.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ from interp.sae.model import TopKSAE
 from interp.sae.splice import _factors
 from interp.sae.train import SAETrainConfig, SAETrainResult, train_sae
 
-__all__ = ["ablation_nll", "matched_features", "pooled_splice", "train_on_rows"]
+__all__ = [
+    "ablation_nll",
+    "matched_ablation_nll",
+    "matched_features",
+    "pooled_splice",
+    "train_on_rows",
+]
 
 
 def pooled_splice(
@@ -218,3 +225,42 @@ def ablation_nll(
         with model.hooks(fwd=[(hook_name, fn)]):
             cols.append(score(model, texts, batch_size=batch_size, progress=False).nll - baseline)
     return torch.stack(cols, 1)
+
+
+def matched_ablation_nll(
+    model: Any,
+    texts: Sequence[Any],
+    hook_name: str,
+    sae: TopKSAE,
+    tested: Sequence[int],
+    rates: Float[Tensor, " d_sae"],
+    input_scale: float = 1.0,
+    *,
+    n_random: int,
+    n_bins: int = 5,
+    generator: torch.Generator | None = None,
+    baseline: Float[Tensor, " n"] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[Float[Tensor, "n sets"], list[list[int]]]:
+    """``ablation_nll`` of ``tested`` (column 0) and of ``n_random`` sets drawn by
+    ``matched_features(rates, tested, n_bins=n_bins, generator=generator)`` (columns 1:);
+    returns the Δ NLL matrix and the random sets (the input of
+    ``stats.control_contrast``)."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    sets = [
+        matched_features(rates, tested, n_bins=n_bins, generator=generator) for _ in range(n_random)
+    ]
+    effects = ablation_nll(
+        model,
+        texts,
+        hook_name,
+        sae,
+        [list(tested), *sets],
+        input_scale,
+        baseline=baseline,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return effects, sets
