@@ -109,11 +109,28 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, workload: str, procs: int) -> dict:
     folder = tempfile.mkdtemp(prefix="dp_")
     common = [
-        str(HERE), "--worker", workload, "--folder", folder, "--model", args.model,
-        "--texts", str(args.texts), "--device", args.device, "--sae-steps", str(args.sae_steps),
-        "--sae-batch", str(args.sae_batch), "--d-in", str(args.d_in), "--d-sae",
-        str(args.d_sae), "--k", str(args.k),
-    ]  # fmt: skip
+        str(HERE),
+        "--worker",
+        workload,
+        "--folder",
+        folder,
+        "--model",
+        args.model,
+        "--texts",
+        str(args.texts),
+        "--device",
+        args.device,
+        "--sae-steps",
+        str(args.sae_steps),
+        "--sae-batch",
+        str(args.sae_batch),
+        "--d-in",
+        str(args.d_in),
+        "--d-sae",
+        str(args.d_sae),
+        "--k",
+        str(args.k),
+    ]
     if procs == 1:
         cmd = [sys.executable, *common, "--threads", str(args.procs)]
     else:

@@ -100,10 +100,24 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
         r = d.get("vs_forward_backward", {}).get(key)
         if r:
             verdict = harness.judge(r, t) if t else ""
-            add("grad_capture", d.get("size", ""), "capture_grads / fwd+bwd", _ci(r), f"≤ {t}×" if t else "", verdict, load)  # fmt: skip
+            add(
+                "grad_capture",
+                d.get("size", ""),
+                "capture_grads / fwd+bwd",
+                _ci(r),
+                f"≤ {t}×" if t else "",
+                verdict,
+                load,
+            )
         r = d.get("vs_activations_only", {}).get(key)
         if r:
-            add("grad_capture", d.get("size", ""), "capture_grads / fwd+bwd (activations only)", _ci(r), load=load)  # fmt: skip
+            add(
+                "grad_capture",
+                d.get("size", ""),
+                "capture_grads / fwd+bwd (activations only)",
+                _ci(r),
+                load=load,
+            )
     if d := read("steering"):
         load = _load(d.get("machine"))
         size = f"{d.get('prompt_tokens')}+{d.get('new_tokens')} tokens"
@@ -154,17 +168,31 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
             )
         for lib in ("interp", "sae_lens"):
             if lib in d and "fvu_held_out" in d[lib]:
-                add("sae_throughput", size, f"held-out FVU, {lib}", f"{d[lib]['fvu_held_out']:.3f}", load=load)  # fmt: skip
+                add(
+                    "sae_throughput",
+                    size,
+                    f"held-out FVU, {lib}",
+                    f"{d[lib]['fvu_held_out']:.3f}",
+                    load=load,
+                )
     if d := read("workbench"):
         load, t = _load(d.get("machine")), d.get("target", {}).get("generate_max_time_ratio")
         for group in ("generate", "capture", "score"):
             g = d.get(group) or {}
             size = f"{g.get('texts')} texts, batch {g.get('batch_size')}"
             if group == "generate":
-                size = f"{g.get('prompts')}×{g.get('new_tokens')} new tokens, batch {g.get('batch_size')}"  # fmt: skip
+                size = f"{g.get('prompts')}×{g.get('new_tokens')} new tokens, batch {g.get('batch_size')}"
             for what, r in g.get("pairs", {}).items():
                 if group == "generate" and t:
-                    add("workbench", size, f"{what} (time)", _ci(r), f"≤ {t}×", harness.judge(r, t), load)  # fmt: skip
+                    add(
+                        "workbench",
+                        size,
+                        f"{what} (time)",
+                        _ci(r),
+                        f"≤ {t}×",
+                        harness.judge(r, t),
+                        load,
+                    )
                 else:
                     add("workbench", size, f"{what} (time)", _ci(r), load=load)
     if d := read("workbench_generate"):  # the generate group alone, more rounds
@@ -174,7 +202,15 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
         clock = d.get("generate_clock", "wall")
         for what, r in g.get("pairs", {}).items():
             verdict = harness.judge(r, t) if t else ""
-            add("workbench", size, f"{what} ({clock} time, {r['rounds']} rounds)", _ci(r), f"≤ {t}×" if t else "", verdict, load)  # fmt: skip
+            add(
+                "workbench",
+                size,
+                f"{what} ({clock} time, {r['rounds']} rounds)",
+                _ci(r),
+                f"≤ {t}×" if t else "",
+                verdict,
+                load,
+            )
     if d := read("patching"):
         load, size, tgt = _load(d.get("machine")), d.get("size", ""), d.get("target", {})
         r = d.get("timing", {}).get("interp activation patching")

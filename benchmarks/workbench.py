@@ -222,7 +222,9 @@ def capture_group(model, args, layer: int, sync) -> dict:
 
     def padded_tokens(items: list[str]) -> int:
         lengths = [len(tok(t)["input_ids"]) for t in items]
-        return sum(len(lengths[s : s + bs]) * max(lengths[s : s + bs]) for s in range(0, len(items), bs))  # fmt: skip
+        return sum(
+            len(lengths[s : s + bs]) * max(lengths[s : s + bs]) for s in range(0, len(items), bs)
+        )
 
     padded = padded_tokens(texts)
 

@@ -670,9 +670,13 @@ def _fit_layers(
         xp = x[subset]
         hidden = ACT2FN[act](xp @ w["gate_proj"].T) * (xp @ w["up_proj"].T)
         shared, groups = group_units(
-            hidden, w["down_proj"].norm(dim=0), config.n_experts, config.n_shared,
-            config.kmeans_iters, gen,
-        )  # fmt: skip
+            hidden,
+            w["down_proj"].norm(dim=0),
+            config.n_experts,
+            config.n_shared,
+            config.kmeans_iters,
+            gen,
+        )
         tensors[f"layers.{i}.shared_ids"] = shared
         tensors[f"layers.{i}.unit_ids"] = groups
         if config.router == "linear":

@@ -1301,15 +1301,34 @@ def capture_dataset(
                 rows = [r for chunk in window for r in chunk]
                 parts.append(
                     _capture_window(
-                        model, rows, resolved, plan, dtype, stop, offset, batch_size, sort,
+                        model,
+                        rows,
+                        resolved,
+                        plan,
+                        dtype,
+                        stop,
+                        offset,
+                        batch_size,
+                        sort,
                         bar.update,
                     )
-                )  # fmt: skip
+                )
             else:
                 done = _shards(
-                    model, out, len(shards), window, resolved, plan, dtype, stop, offset,
-                    config, batch_size, sort, bar.update,
-                )  # fmt: skip
+                    model,
+                    out,
+                    len(shards),
+                    window,
+                    resolved,
+                    plan,
+                    dtype,
+                    stop,
+                    offset,
+                    config,
+                    batch_size,
+                    sort,
+                    bar.update,
+                )
                 shards.extend(done)
                 mine.extend(done)
             offset += size

@@ -39,9 +39,15 @@ def simulate(script, *, budget=40, answer_tokens=4, open_think=False):
     has written; returns the text, whether the cue was forced, and the tokenizer."""
     tok = CharTok()
     cues = {False: tok.encode("\nAnswer:"), True: tok.encode("\n</think>\n\nAnswer:")}
-    forcer = AnswerForcer(tok, [open_think], budget=budget, answer_tokens=answer_tokens,
-                          eos_ids=[EOS], cues=cues,
-                          marker=re.compile(SpanRules().answer_marker, re.I))  # fmt: skip
+    forcer = AnswerForcer(
+        tok,
+        [open_think],
+        budget=budget,
+        answer_tokens=answer_tokens,
+        eos_ids=[EOS],
+        cues=cues,
+        marker=re.compile(SpanRules().answer_marker, re.I),
+    )
     wanted = [VOCAB.index(c) if c != "§" else VOCAB.index("</think>") for c in script]
     ids = torch.tensor([[VOCAB.index("<")]])
     for step in range(budget + 30):
@@ -88,8 +94,14 @@ def test_on_a_tiny_model_through_runs_generate():
     model = interp.tiny("llama", seed=0)
     prompts = ["Question one?\nReasoning:", "Q2\nReasoning:", "A third, longer prompt\nReasoning:"]
     forcing = AnswerForcing(model, budget=5, answer_tokens=3)
-    g = runs.generate(model, prompts, max_new_tokens=forcing.max_new_tokens, batch_size=2,
-                      logits_processors=forcing, progress=False)  # fmt: skip
+    g = runs.generate(
+        model,
+        prompts,
+        max_new_tokens=forcing.max_new_tokens,
+        batch_size=2,
+        logits_processors=forcing,
+        progress=False,
+    )
     assert sorted(forcing.forced) == [0, 1, 2]
     for i, text in enumerate(g.texts):
         # Random weights never write an answer marker: the cue is forced after the budget.

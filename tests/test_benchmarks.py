@@ -167,9 +167,22 @@ def test_data_parallel(tmp_path):
         pytest.skip("torchrun not installed")
     out = tmp_path / "dp.json"
     suite("data_parallel").main(
-        ["--quick", "--model", "tiny:llama", "--d-in", "64", "--d-sae", "128", "--k", "4",
-         "--sae-batch", "64", "--out", str(out)]
-    )  # fmt: skip
+        [
+            "--quick",
+            "--model",
+            "tiny:llama",
+            "--d-in",
+            "64",
+            "--d-sae",
+            "128",
+            "--k",
+            "4",
+            "--sae-batch",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     payload = check_json(out, "data_parallel")
     for workload in ("capture", "sae"):
         r = payload["results"][workload]

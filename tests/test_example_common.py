@@ -65,11 +65,27 @@ def test_quick_preset_and_explicit_flags_win(Study):
 def test_every_field_is_a_flag_with_its_type(Study):
     s = Study.parse(
         [
-            "--judge-model", "m", "--no-plot", "--sizes", "3", "4", "5", "--seeds", "1", "2",
-            "--dtype", "bfloat16", "--batch-size", "3", "--style", "b", "--out", "x",
+            "--judge-model",
+            "m",
+            "--no-plot",
+            "--sizes",
+            "3",
+            "4",
+            "5",
+            "--seeds",
+            "1",
+            "2",
+            "--dtype",
+            "bfloat16",
+            "--batch-size",
+            "3",
+            "--style",
+            "b",
+            "--out",
+            "x",
         ],
         "study",
-    )  # fmt: skip
+    )
     assert (s.judge_model, s.plot, s.sizes, s.seeds, s.seed) == ("m", False, (3, 4, 5), (1, 2), 1)
     assert (s.dtype, s.batch_size, s.style, s.out) == ("bfloat16", 3, "b", "x")
     flags = {a.dest for a in Study.parser("study", None)._actions} - {"help"}

@@ -39,11 +39,39 @@ GSM8K_ROWS = [  # GSM8K's official format: reasoning with calculator annotations
 ]
 
 SMALLEST = [
-    "--model", "tiny:qwen3", "--dtype", "bfloat16", "--quick", "--seeds", "0", "1",
-    "--per-domain", "1", "--n-select", "3", "--n-calib", "4", "--n-train", "4", "--n-eval", "3",
-    "--gen-tokens", "3", "--eval-tokens", "3", "--n-random", "100", "--n-boot", "40",
-    "--n-perm", "99", "--train-batch", "4", "--batch-size", "12",
-]  # fmt: skip
+    "--model",
+    "tiny:qwen3",
+    "--dtype",
+    "bfloat16",
+    "--quick",
+    "--seeds",
+    "0",
+    "1",
+    "--per-domain",
+    "1",
+    "--n-select",
+    "3",
+    "--n-calib",
+    "4",
+    "--n-train",
+    "4",
+    "--n-eval",
+    "3",
+    "--gen-tokens",
+    "3",
+    "--eval-tokens",
+    "3",
+    "--n-random",
+    "100",
+    "--n-boot",
+    "40",
+    "--n-perm",
+    "99",
+    "--train-batch",
+    "4",
+    "--batch-size",
+    "12",
+]
 
 
 def test_study_runs_on_a_tiny_bf16_model_with_a_thinking_template(study, tmp_path, monkeypatch):
@@ -129,7 +157,11 @@ def test_data_reader_takes_gsm8k_rows_and_rejects_other_columns(study, tmp_path)
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(GSM8K_ROWS[3]) + "\n")
     (row,) = study.load_problems(path)
-    assert row == {"id": "0", "question": GSM8K_ROWS[3]["question"], "answer": "She has 3+5=8 apples.\n#### 8"}  # fmt: skip
+    assert row == {
+        "id": "0",
+        "question": GSM8K_ROWS[3]["question"],
+        "answer": "She has 3+5=8 apples.\n#### 8",
+    }
     path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
     with pytest.raises(ValueError, match="'question' and 'answer'"):
         study.load_problems(path)
@@ -161,7 +193,9 @@ class FakeRun:
 
 def test_control_is_chosen_on_the_selection_batch_and_p_values_are_corrected(study):
     gen = torch.Generator().manual_seed(0)
-    direction = interp.directions.Direction.from_vectors(torch.randn(3, 16, generator=gen), layers=[0, 1, 2])  # fmt: skip
+    direction = interp.directions.Direction.from_vectors(
+        torch.randn(3, 16, generator=gen), layers=[0, 1, 2]
+    )
     rows = [{"id": str(i), "question": f"q{i}", "answer": "a"} for i in range(40)]
     data = {"select": rows[:12], "calib": rows[12:40]}
     run = FakeRun(study, direction)
@@ -196,7 +230,9 @@ def _section(sanity=True, gap=(-0.1, 0.1), rise=(0.01, 0.02), p=0.001):
         "layer_average": {"delta_cos": {"low": rise[0]}},
         "delta_loss": {"estimate": 0.0, "low": gap[0], "high": gap[1]},
     }
-    return direction, {"pre_assistant": {n: comp for n in ("inoculation_vs_neutral", "inoculation_vs_control")}}  # fmt: skip
+    return direction, {
+        "pre_assistant": {n: comp for n in ("inoculation_vs_neutral", "inoculation_vs_control")}
+    }
 
 
 def test_verdict_is_uninformative_where_the_checks_fail(study):
@@ -209,8 +245,10 @@ def test_verdict_is_uninformative_where_the_checks_fail(study):
     assert study.verdict(*_section(rise=(-0.01, 0.02)), s)["verdict"] == "not supported"
     assert study.verdict(*_section(p=0.2), s)["verdict"] == "not supported"
     assert study.verdict(*_section(rise=(0.01, -0.02)), s)["verdict"] == "not supported"
-    seeds = {"0": {"verdict": {"verdict": "supported", "reason": "r"}},
-             "1": {"verdict": {"verdict": "not supported", "reason": "q"}}}  # fmt: skip
+    seeds = {
+        "0": {"verdict": {"verdict": "supported", "reason": "r"}},
+        "1": {"verdict": {"verdict": "not supported", "reason": "q"}},
+    }
     assert study.overall(seeds)["verdict"] == "not supported"
     seeds["2"] = {"verdict": {"verdict": "uninformative", "reason": "u"}}
     assert study.overall(seeds)["verdict"] == "uninformative"

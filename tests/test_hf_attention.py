@@ -161,9 +161,15 @@ def test_llama_against_a_naive_reference():
         z = (pattern @ vv).transpose(1, 2)
         attn_out = z.reshape(b, s, 64) @ att.o_proj.weight.T
     ref = {
-        "q": q, "k": k, "v": v, "rot_q": rq.transpose(1, 2), "rot_k": rk.transpose(1, 2),
-        "attn_scores": scores, "pattern": pattern, "z": z,
-    }  # fmt: skip
+        "q": q,
+        "k": k,
+        "v": v,
+        "rot_q": rq.transpose(1, 2),
+        "rot_k": rk.transpose(1, 2),
+        "attn_scores": scores,
+        "pattern": pattern,
+        "z": z,
+    }
     for kind, value in ref.items():
         assert max_diff(cache[f"blocks.1.attn.hook_{kind}"], value) <= 1e-5, kind
     out = interp.capture(hf, IDS, "blocks.1.hook_attn_out")["blocks.1.hook_attn_out"]

@@ -90,9 +90,13 @@ def test_from_config_qwen_sparse_step_and_mlp_only_layers():
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(
-        "qwen2_moe", num_hidden_layers=6, num_experts=4, num_experts_per_tok=2,
-        decoder_sparse_step=2, mlp_only_layers=[3],
-    )  # fmt: skip
+        "qwen2_moe",
+        num_hidden_layers=6,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        mlp_only_layers=[3],
+    )
     assert RoutingRule.from_config(cfg).moe_layers == (1, 5)
 
 

@@ -109,10 +109,20 @@ def test_torchrun_two_processes_equal_one(llama, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(folder),
-         json.dumps([TEXTS, NAMES, KW])],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(folder),
+            json.dumps([TEXTS, NAMES, KW]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Two ranks share one stdout pipe: print may write the text and its newline apart, so
     # one rank's line can land inside the other's; find the records, not lines.

@@ -38,6 +38,7 @@ def test_rows_do_not_share_gradients_and_bf16_is_upcast():
 def test_a_row_without_targets_is_an_error():
     with pytest.raises(ValueError, match="rows \\[1\\]"):
         sft_loss_per_example(
-            torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long),
+            torch.zeros(2, 3, 4),
+            torch.zeros(2, 3, dtype=torch.long),
             torch.tensor([[0, 1, 1], [1, 0, 0]]),
-        )  # fmt: skip
+        )

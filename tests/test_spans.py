@@ -214,8 +214,11 @@ def test_judge_detector_passes_sentences_and_context_and_thresholds():
     assert [d.score for d in out] == pytest.approx([0.9, 0.1])
     assert out[0].evidence == ("Q: who? S: All nurses are careless.",)
     ((items, batch_size),) = judge.calls
-    assert items[0] == {"sentence": "All nurses are careless.", "text": "All nurses are careless.",
-                        "context": "who?"}  # fmt: skip
+    assert items[0] == {
+        "sentence": "All nurses are careless.",
+        "text": "All nurses are careless.",
+        "context": "who?",
+    }
     assert batch_size == 3
     assert detect([]) == [] and len(judge.calls) == 1  # nothing to judge: no call
     assert not JudgeDetector(judge, threshold=0.95)(["All nurses are careless."])[0].biased

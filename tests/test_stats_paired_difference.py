@@ -30,9 +30,14 @@ def test_ratio_of_sums_with_nested_intervals():
     assert out.n_changed == int((after != before).sum())
     # The same as paired_bootstrap_ci of the difference.
     ref = stats.paired_bootstrap_ci(
-        lambda b, d, a, d2: ratio(a, d2) - ratio(b, d), before, den, after, den,
-        n_boot=400, seed=1,
-    )  # fmt: skip
+        lambda b, d, a, d2: ratio(a, d2) - ratio(b, d),
+        before,
+        den,
+        after,
+        den,
+        n_boot=400,
+        seed=1,
+    )
     assert (lo95, hi95) == pytest.approx((ref.low, ref.high))
 
 

@@ -16,11 +16,13 @@ EXAMPLES = [
         "prompt": f"Question {i}?",
         "response": f"The older man is forgetful{' indeed' * i}. Answer: unknown",
         "span_s": (0, 26),
-        "span_o": (len(f"The older man is forgetful{' indeed' * i}. Answer: "),
-                   len(f"The older man is forgetful{' indeed' * i}. Answer: unknown")),
+        "span_o": (
+            len(f"The older man is forgetful{' indeed' * i}. Answer: "),
+            len(f"The older man is forgetful{' indeed' * i}. Answer: unknown"),
+        ),
     }
     for i in range(3)
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,47 @@ SEED = 20240602
 PER_KIND = 25
 
 NAMES = [
-    "Ava", "Ben", "Chloe", "Daniel", "Elena", "Farid", "Grace", "Hiro", "Isla", "Jonas",
-    "Kemi", "Liam", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq",
-    "Uma", "Victor", "Wen", "Yusuf", "Zoe",
-]  # fmt: skip
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Daniel",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Isla",
+    "Jonas",
+    "Kemi",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
+]
 SHE = {
-    "Ava", "Chloe", "Elena", "Grace", "Isla", "Kemi", "Maya", "Olga", "Priya", "Rosa", "Uma",
-    "Wen", "Zoe",
-}  # fmt: skip
+    "Ava",
+    "Chloe",
+    "Elena",
+    "Grace",
+    "Isla",
+    "Kemi",
+    "Maya",
+    "Olga",
+    "Priya",
+    "Rosa",
+    "Uma",
+    "Wen",
+    "Zoe",
+}
 PRONOUN = {name: "she" if name in SHE else "he" for name in NAMES}
 ITEMS = ["apples", "stickers", "marbles", "pencils", "oranges", "stamps", "shells", "cards"]
 SNACKS = ["muffins", "cookies", "bagels", "cupcakes", "rolls"]
