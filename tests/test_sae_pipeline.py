@@ -167,6 +167,46 @@ def test_command_line_precedence(tmp_path):
         config_from_args(["--config", str(bad)])
 
 
+def test_sparsify_recipe_options_reach_training_and_export_the_average(tmp_path, model, data, full):
+    cfg = config_from_args(
+        [
+            "--optimizer",
+            "signsgd",
+            "--init",
+            "sparsify",
+            "--b-dec-init",
+            "mean",
+            "--warmup-steps",
+            "0",
+        ]
+    )
+    assert (cfg.optimizer, cfg.init, cfg.b_dec_init, cfg.warmup_steps) == (
+        "signsgd",
+        "sparsify",
+        "mean",
+        0,
+    )
+    for bad in ({"optimizer": "sgd"}, {"init": "xavier"}, {"b_dec_init": "median"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _cfg(tmp_path, data, **bad)
+    out = tmp_path / "sf"
+    report = run_pipeline(
+        _cfg(out, data, optimizer="signsgd", init="sparsify", b_dec_init="mean", warmup_steps=0),
+        model=model,
+    )
+    assert report["train"]["steps"] == 10 and 0 < report["eval"]["fvu"] < 1
+    exported = load_file(str(out / "sae" / "sae_weights.safetensors"))
+    assert not torch.equal(
+        exported["W_dec"],
+        load_file(str(Path(full["settings"]["out"]) / "sae" / "sae_weights.safetensors"))["W_dec"],
+    )
+    # the export is the schedule-free average x = (y − (1 − β) z) / β, not the iterate y
+    ckpt = torch.load(out / "train" / "checkpoint.pt", weights_only=True)
+    y, z = ckpt["sae"]["W_dec"], ckpt["optimizer"]["state"][0]["z"]
+    torch.testing.assert_close(exported["W_dec"], y.lerp(z, 1 - 1 / 0.95), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(exported["W_dec"], y)
+
+
 SCRIPT = """
 import json, os, sys
 import torch.distributed as dist

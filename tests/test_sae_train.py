@@ -103,9 +103,16 @@ def _crashing(batches, at):
         yield b
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(("optimizer", "dead_tokens"), [("adam", 40), ("signsgd", 20)])
+def test_resume_matches_uninterrupted_run(tmp_path, optimizer, dead_tokens):
     batches = _batches(n_batches=9)
-    cfg = SAETrainConfig(dead_tokens=40, resample_every=4, checkpoint_every=2, **QUICK)
+    cfg = SAETrainConfig(
+        dead_tokens=dead_tokens,
+        resample_every=4,
+        checkpoint_every=2,
+        optimizer=optimizer,
+        **QUICK,
+    )
 
     ref = train_sae(_sae(), batches, cfg)
 
@@ -230,14 +237,14 @@ def test_training_recovers_a_known_sparse_dictionary(d_in, n_true, s, seed):
 _DP_CFG = dict(dead_tokens=48, resample_every=3, **QUICK)
 
 
-def _dp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+def _dp_worker(rank: int, world: int, store: str, out_dir: str, optimizer: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         global_batches = _batches(n_batches=6, batch=32)
         shard = [b.chunk(world)[rank] for b in global_batches]  # equal shards of each batch
         # Rank 1 starts from another init: train_sae must broadcast rank 0's parameters.
-        result = train_sae(_sae(d_sae=64, k=2, seed=rank), shard, **_DP_CFG)
+        result = train_sae(_sae(d_sae=64, k=2, seed=rank), shard, optimizer=optimizer, **_DP_CFG)
         torch.save(
             {"state": result.sae.state_dict(), "history": [list(m) for m in result.history]},
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -246,15 +253,18 @@ def _dp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_data_parallel_two_processes_match_single_process(tmp_path):
-    single = train_sae(_sae(d_sae=64, k=2), _batches(n_batches=6, batch=32), **_DP_CFG)
+@pytest.mark.parametrize("optimizer", ["adam", "signsgd"])
+def test_data_parallel_two_processes_match_single_process(tmp_path, optimizer):
+    single = train_sae(
+        _sae(d_sae=64, k=2), _batches(n_batches=6, batch=32), optimizer=optimizer, **_DP_CFG
+    )
     # fork skips re-importing torch in the children (seconds each on a busy 2-core box);
     # the workers drop to one intra-op thread first. Python ≥ 3.12 warns about fork in a
     # multi-threaded process, so there we pay for spawn.
     method = "fork" if sys.version_info < (3, 12) and sys.platform == "linux" else "spawn"
     mp.start_processes(
         _dp_worker,
-        args=(2, str(tmp_path / "store"), str(tmp_path)),
+        args=(2, str(tmp_path / "store"), str(tmp_path), optimizer),
         nprocs=2,
         join=True,
         start_method=method,

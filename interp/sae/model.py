@@ -5,9 +5,12 @@ Parameters use the names of Gao et al. (2024) and SAELens: ``W_enc`` [d_in, d_sa
 inputs in bf16/fp16 are cast in, so parameters and optimizer state never lose
 precision to the activations' storage dtype.
 
-Initialization follows Gao et al. (2024, Appendix A.1): random unit-norm decoder rows,
-encoder = decoder transpose ("tied init"), b_enc = 0, and b_dec at the geometric median
-of a data sample (``init_b_dec``, called by the trainer on its first batch).
+Initialization (``init=``): ``"gao"`` (default) follows Gao et al. (2024, Appendix A.1):
+random unit-norm Gaussian decoder rows, encoder = decoder transpose ("tied init");
+``"sparsify"`` is EleutherAI's ``sparsify``: encoder rows drawn like ``nn.Linear``'s
+weight (uniform in ±1/√d_in, so each row has norm ≈ 1/√3 ≈ 0.58), decoder rows the same
+directions at unit norm. Both set b_enc = 0; b_dec is set by the trainer on its first
+batch (``init_b_dec``: the geometric median, or the mean as sparsify does).
 
 Saving writes SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``,
 architecture ``"topk"``), so ``sae_lens.SAE.load_from_disk`` reads our directories;
@@ -16,6 +19,7 @@ see ``interp.sae.saelens``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +39,10 @@ from interp.sae.functional import (
     sparse_decode,
 )
 
-__all__ = ["SAEOutput", "TopKSAE", "TopKSAEConfig"]
+__all__ = ["INITS", "SAEOutput", "TopKSAE", "TopKSAEConfig"]
+
+INITS = ("gao", "sparsify")
+"""``TopKSAE(init=...)`` choices (see the module docstring)."""
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -125,26 +132,35 @@ class TopKSAE(SAEModule):
         hook_name: str | None = None,
         model_name: str | None = None,
         generator: torch.Generator | None = None,
+        init: str = "gao",
     ) -> None:
         super().__init__()
         self.cfg = TopKSAEConfig(
             d_in=d_in, d_sae=d_sae, k=k, hook_name=hook_name, model_name=model_name
         )
-        W_dec = torch.randn(d_sae, d_in, generator=generator)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if init == "gao":
+            W_dec = torch.randn(d_sae, d_in, generator=generator)
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            enc_rows = W_dec.clone()
+        elif init == "sparsify":
+            bound = 1 / math.sqrt(d_in)  # nn.Linear's default (kaiming_uniform, a=√5)
+            enc_rows = torch.rand(d_sae, d_in, generator=generator).mul_(2 * bound).sub_(bound)
+            W_dec = enc_rows / (enc_rows.norm(dim=1, keepdim=True) + torch.finfo().eps)
+        else:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.W_dec = nn.Parameter(W_dec)
         # W_enc is [d_in, d_sae] but stored as the transpose of a row-major [d_sae, d_in]
         # buffer: the sparse encoder backward then writes whole contiguous rows (one
         # per latent) and its gradient already has the parameter's strides.
-        self.W_enc = nn.Parameter(W_dec.clone().t())
+        self.W_enc = nn.Parameter(enc_rows.t())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     @classmethod
     def from_config(
-        cls, cfg: TopKSAEConfig, *, generator: torch.Generator | None = None
+        cls, cfg: TopKSAEConfig, *, generator: torch.Generator | None = None, init: str = "gao"
     ) -> TopKSAE:
-        return cls(**cfg.to_dict(), generator=generator)
+        return cls(**cfg.to_dict(), generator=generator, init=init)
 
     @property
     def k(self) -> int:
@@ -207,9 +223,22 @@ class TopKSAE(SAEModule):
     # ---- training-time constraints (Gao et al. 2024, Appendix A.1) ---------------------
 
     @torch.no_grad()
-    def init_b_dec(self, sample: Float[Tensor, "n d_in"], *, max_iter: int = 100) -> None:
-        """Set b_dec to the geometric median of ``sample`` (Weiszfeld iterations)."""
-        self.b_dec.copy_(geometric_median(self._cast_in(sample), max_iter=max_iter))
+    def init_b_dec(
+        self,
+        sample: Float[Tensor, "n d_in"],
+        *,
+        max_iter: int = 100,
+        method: str = "geometric_median",
+    ) -> None:
+        """Set b_dec to the geometric median of ``sample`` (Weiszfeld iterations), or to its
+        mean with ``method="mean"`` (sparsify's choice)."""
+        sample = self._cast_in(sample)
+        if method == "geometric_median":
+            self.b_dec.copy_(geometric_median(sample, max_iter=max_iter))
+        elif method == "mean":
+            self.b_dec.copy_(sample.mean(0))
+        else:
+            raise ValueError(f"method must be 'geometric_median' or 'mean', got {method!r}")
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

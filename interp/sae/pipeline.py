@@ -51,10 +51,17 @@ from torch import Tensor
 
 from interp.cache import atomic_write
 from interp.sae.evaluation import evaluate_on_model, top_examples_json
-from interp.sae.model import TopKSAE
+from interp.sae.model import INITS, TopKSAE
 from interp.sae.saelens import load_topk_saelens, save_saelens
 from interp.sae.store import _ShuffleBuffer
-from interp.sae.train import CHECKPOINT_NAME, SAETrainConfig, StepMetrics, train_sae
+from interp.sae.train import (
+    B_DEC_INITS,
+    CHECKPOINT_NAME,
+    OPTIMIZERS,
+    SAETrainConfig,
+    StepMetrics,
+    train_sae,
+)
 
 __all__ = ["QUICK", "PipelineConfig", "run_pipeline"]
 
@@ -68,7 +75,11 @@ class PipelineConfig:
 
     ``tokens`` are training tokens (steps = tokens // batch_size); ``capture_tokens``
     (default ``tokens``) how many dataset tokens are cached; with fewer cached rows than
-    training tokens the trainer makes several passes. ``lr`` None: ``default_lr(d_sae)``.
+    training tokens the trainer makes several passes. ``lr`` None: ``default_lr(d_sae,
+    optimizer)``. ``optimizer`` (``"adam"`` | ``"signsgd"``: schedule-free SignSGD),
+    ``init`` (``"gao"`` | ``"sparsify"``) and ``b_dec_init`` (``"geometric_median"`` |
+    ``"mean"``) are ``SAETrainConfig``'s / ``TopKSAE``'s options; ``--optimizer signsgd
+    --init sparsify --b-dec-init mean --warmup-steps 0`` is sparsify's recipe.
     ``dead_tokens``: a latent not fired for that many training tokens gets the AuxK loss.
     ``exclude_first``: leave each text's first n tokens out of training rows and
     evaluation (1 drops the attention-sink first token of models without BOS, see
@@ -89,6 +100,9 @@ class PipelineConfig:
     k: int = 32
     batch_size: int = 4096
     lr: float | None = None
+    optimizer: str = "adam"
+    init: str = "gao"
+    b_dec_init: str = "geometric_median"
     warmup_steps: int = 50
     dead_tokens: int = 1_000_000
     text_batch_size: int = 8
@@ -133,6 +147,12 @@ class PipelineConfig:
             bad(f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size})")
         if self.lr is not None and not self.lr > 0:
             bad(f"lr must be > 0 or None, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.init not in INITS:
+            bad(f"init must be one of {INITS}, got {self.init!r}")
+        if self.b_dec_init not in B_DEC_INITS:
+            bad(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if "*" in self.hook_name or "?" in self.hook_name:
             bad(f"hook_name must be one hook, not a pattern: {self.hook_name!r}")
 
@@ -371,11 +391,14 @@ def run_pipeline(
             hook_name=cfg.hook_name,
             model_name=cfg.model,
             generator=torch.Generator().manual_seed(cfg.seed),
+            init=cfg.init,
         )
         device = cfg.device if cfg.device is not None else str(model.device)
         sae.to(device)
         train_cfg = SAETrainConfig(
             lr=cfg.lr,
+            optimizer=cfg.optimizer,
+            b_dec_init=cfg.b_dec_init,
             warmup_steps=min(cfg.warmup_steps, cfg.steps),
             dead_tokens=cfg.dead_tokens,
             max_steps=cfg.steps,

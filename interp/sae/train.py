@@ -9,15 +9,22 @@ One function, ``train_sae``, reads top to bottom; each step does, in order:
    ``dead_tokens`` tokens (Gao et al. 2024, §2.4; α = 1/32, k_aux = d_in // 2);
 4. stop with ``FloatingPointError`` if the loss is not finite (nothing is updated);
 5. backward, sum gradients over data-parallel ranks, remove the decoder-gradient
-   component parallel to each decoder row, clip the global gradient norm, Adam step,
-   renormalize decoder rows to unit norm (Appendix A.1);
+   component parallel to each decoder row, clip the global gradient norm, optimizer step
+   (Adam, or schedule-free SignSGD), renormalize decoder rows to unit norm (Appendix A.1);
 6. update the per-latent "tokens since fired" counters; optionally resample dead
    latents (Bricken et al. 2023) as an alternative to AuxK;
 7. record ``StepMetrics`` (FVU, L0, dead fraction, AuxK) and checkpoint atomically.
 
-Learning rate: Adam with lr 2e-4 / sqrt(d_sae / 2**14) by default (the 1/√d_sae scaling
-of Gao et al. 2024 as used by EleutherAI's ``sparsify``), linear warmup, optional linear
-decay at the end, eps 6.25e-10 (Gao et al. 2024, Appendix A).
+Optimizer (``optimizer=``): ``"adam"`` (default) with lr 2e-4 / sqrt(d_sae / 2**14) (the
+1/√d_sae scaling of Gao et al. 2024 as used by EleutherAI's ``sparsify``), 1,000 warm-up
+steps, optional linear decay at the end, eps 6.25e-10 (Gao et al. 2024, Appendix A); or
+``"signsgd"``: sparsify's default, schedule-free SignSGD (``interp.sae.optim``) with lr
+5e-3 / sqrt(d_sae / 2**14), momentum 0.95 and no warm-up. Schedule-free training takes
+gradients at the interpolated point y; the SAE that ``train_sae`` returns (and that
+``evaluate``/``save`` then see) holds the *averaged* x weights, while checkpoints hold y
+and the optimizer state (so a resumed run continues exactly). Initialization is the
+SAE's (``TopKSAE(init=...)``); b_dec is set on the first batch to the geometric median
+(default) or the mean (``b_dec_init="mean"``, sparsify's choice).
 
 Resuming: a checkpoint holds the SAE, the optimizer, the counters, the generator state
 and the history. ``train_sae`` resumed from it skips the batches already consumed (so the
@@ -53,6 +60,7 @@ from tqdm import tqdm
 
 from interp.cache import atomic_write
 from interp.sae.model import TopKSAE
+from interp.sae.optim import ScheduleFreeSignSGD
 
 __all__ = [
     "EvalMetrics",
@@ -67,9 +75,19 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def default_lr(d_sae: int) -> float:
-    """2e-4 / sqrt(d_sae / 2**14): Gao et al. (2024)'s 1/√n learning-rate scaling."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
+OPTIMIZERS = ("adam", "signsgd")
+B_DEC_INITS = ("geometric_median", "mean")
+_DEFAULT_BETAS = (0.9, 0.999)
+_DEFAULT_EPS = 6.25e-10
+_DEFAULT_MOMENTUM = 0.95
+
+
+def default_lr(d_sae: int, optimizer: str = "adam") -> float:
+    """Gao et al. (2024)'s 1/√n learning-rate scaling: 2e-4 / sqrt(d_sae / 2**14) for Adam,
+    5e-3 / sqrt(d_sae / 2**14) for schedule-free SignSGD (sparsify's values)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    return (2e-4 if optimizer == "adam" else 5e-3) / math.sqrt(d_sae / 2**14)
 
 
 @dataclass(frozen=True)
@@ -80,13 +98,21 @@ class SAETrainConfig:
     Gao et al. 2024; scale down for small runs). ``resample_every``: every that many
     steps, re-initialize dead latents towards badly reconstructed inputs (an
     alternative to AuxK; set ``auxk_alpha=0`` to use it alone). ``decay_steps``:
-    linear decay to 0 over the final steps (needs ``max_steps``).
+    linear decay to 0 over the final steps (needs ``max_steps``). ``optimizer``: ``"adam"``
+    or ``"signsgd"`` (schedule-free SignSGD); ``betas``/``eps`` are Adam's and
+    ``momentum`` is SignSGD's (setting one for the other optimizer raises); ``lr`` and
+    ``warmup_steps`` None take the optimizer's default (``default_lr``; 1,000 warm-up steps
+    for Adam, 0 for SignSGD). ``b_dec_init``: ``"geometric_median"`` or ``"mean"``.
+    ``normalize_decoder`` False skips the decoder-gradient projection and the unit-norm
+    renormalization (an ablation: the decoder then keeps whatever row norms it learns).
     """
 
     lr: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 6.25e-10
-    warmup_steps: int = 1000
+    optimizer: str = "adam"
+    betas: tuple[float, float] = _DEFAULT_BETAS
+    eps: float = _DEFAULT_EPS
+    momentum: float = _DEFAULT_MOMENTUM
+    warmup_steps: int | None = None
     decay_steps: int = 0
     max_grad_norm: float | None = 1.0
     auxk_alpha: float = 1 / 32
@@ -94,6 +120,8 @@ class SAETrainConfig:
     dead_tokens: int = 10_000_000
     resample_every: int | None = None
     init_b_dec: bool = True
+    b_dec_init: str = "geometric_median"
+    normalize_decoder: bool = True
     max_steps: int | None = None
     seed: int = 0
     checkpoint_dir: str | Path | None = None
@@ -106,12 +134,24 @@ class SAETrainConfig:
 
         if self.lr is not None and not self.lr > 0:
             bad(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer == "signsgd" and (
+            tuple(self.betas) != _DEFAULT_BETAS or self.eps != _DEFAULT_EPS
+        ):
+            bad("betas and eps are Adam's; optimizer='signsgd' takes momentum instead")
+        if self.optimizer == "adam" and self.momentum != _DEFAULT_MOMENTUM:
+            bad("momentum is schedule-free SignSGD's; optimizer='adam' takes betas instead")
+        if not 0 < self.momentum < 1:
+            bad(f"momentum must be in (0, 1), got {self.momentum}")
+        if self.b_dec_init not in B_DEC_INITS:
+            bad(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not self.eps > 0:
             bad(f"eps must be > 0, got {self.eps}")
         for name in ("warmup_steps", "decay_steps"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 bad(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.decay_steps and self.max_steps is None:
             bad("decay_steps needs max_steps (the decay ends at max_steps)")
@@ -281,8 +321,15 @@ def _load_checkpoint(
 # ---- the loop ------------------------------------------------------------------------------
 
 
+def _warmup(cfg: SAETrainConfig) -> int:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return 1000 if cfg.optimizer == "adam" else 0
+
+
 def _lr_at(step: int, base: float, cfg: SAETrainConfig) -> float:
-    lr = base * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else base
+    warmup = _warmup(cfg)
+    lr = base * min(1.0, (step + 1) / warmup) if warmup else base
     if cfg.decay_steps and cfg.max_steps is not None:
         lr *= min(1.0, max(0.0, (cfg.max_steps - step) / cfg.decay_steps))
     return lr
@@ -301,7 +348,8 @@ def _resample_dead_(
     Bricken et al. (2023, "Towards Monosemanticity", resampling): sample inputs with
     probability ∝ squared reconstruction error; the dead decoder row becomes the unit
     residual direction, the encoder column the same direction scaled to 0.2 × the mean
-    alive encoder norm, b_enc 0, and Adam's moments for those entries are reset.
+    alive encoder norm, b_enc 0, and Adam's moments for those entries are reset
+    (schedule-free SignSGD: its z is set to the new values, so x = y = z there).
     """
     dead_idx = dead.nonzero().squeeze(1)
     weights = residual.pow(2).sum(1).double()
@@ -323,6 +371,8 @@ def _resample_dead_(
         (sae.W_enc, (slice(None), dead_idx)),
         (sae.b_enc, (dead_idx,)),
     ):
+        if isinstance(opt, ScheduleFreeSignSGD):
+            opt.set_state_(param, index)
         for key in ("exp_avg", "exp_avg_sq"):
             moment = opt.state.get(param, {}).get(key)
             if moment is not None:
@@ -351,8 +401,12 @@ def train_sae(
     params = list(sae.parameters())
     if any(p.dtype != torch.float32 for p in params):
         raise TypeError("TopKSAE parameters must be float32 for training (inputs are cast in)")
-    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
-    opt = torch.optim.Adam(params, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae, cfg.optimizer)
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    else:
+        opt = ScheduleFreeSignSGD(params, lr=base_lr, momentum=cfg.momentum)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME if cfg.checkpoint_dir is not None else None
 
@@ -376,7 +430,7 @@ def train_sae(
             x = batch.to(device=device, dtype=torch.float32).reshape(-1, sae.d_in)
 
             if state.step == 0 and cfg.init_b_dec:
-                sae.init_b_dec(dp.gather_rows(x))
+                sae.init_b_dec(dp.gather_rows(x), method=cfg.b_dec_init)
 
             lr = _lr_at(state.step, base_lr, cfg)
             for group in opt.param_groups:
@@ -416,7 +470,8 @@ def train_sae(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             dp.sum_grads_(params)
-            sae.project_decoder_grad_()
+            if cfg.normalize_decoder:
+                sae.project_decoder_grad_()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
             )
@@ -426,7 +481,8 @@ def train_sae(
                     "no update was applied."
                 )
             opt.step()
-            sae.normalize_decoder_()
+            if cfg.normalize_decoder:
+                sae.normalize_decoder_()
 
             n_tokens = round(n_g)
             fired = dp.sum(fired_local) > 0
@@ -472,6 +528,8 @@ def train_sae(
         if dp.is_main:
             _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
         dp.barrier()
+    if isinstance(opt, ScheduleFreeSignSGD):
+        opt.eval()  # the SAE to evaluate and export is the average x, not the iterate y
     return SAETrainResult(sae, state.history, state.step, state.tokens)
 
 
