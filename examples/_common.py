@@ -70,14 +70,19 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _NO_QUICK = object()
 
 
-def field(default: Any, help: str, *, quick: Any = _NO_QUICK, **kwargs: Any) -> Any:
+def field(
+    default: Any, help: str, *, quick: Any = _NO_QUICK, min: Any = None, **kwargs: Any
+) -> Any:
     """A settings field with its ``--flag`` help text and, optionally, its ``--quick`` value
-    (``quick=``, kept next to the default it replaces). Sequences are tuples (frozen)."""
+    (``quick=``, kept next to the default it replaces) and the smallest value it accepts
+    (``min=``, checked by ``Settings``). Sequences are tuples (frozen)."""
     for value in (default, quick):
         if isinstance(value, list | dict | set):
             raise TypeError("use a tuple for a sequence value (settings are frozen)")
     if quick is not _NO_QUICK:
         kwargs["quick"] = quick
+    if min is not None:
+        kwargs["min"] = min
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -115,6 +120,10 @@ class Settings:
     threads: int | None = field(None, "torch CPU threads (default min(2, cpu count))")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if "min" in f.metadata and getattr(self, f.name) < f.metadata["min"]:
+                got = getattr(self, f.name)
+                raise ValueError(f"{self.flag(f.name)} must be >= {f.metadata['min']}, got {got}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: expected one of {', '.join(_DTYPES)}")
         if self.batch_size < 1:
@@ -151,6 +160,8 @@ class Settings:
             shown = f"default {f.default!r}" + (
                 "" if quick is dataclasses.MISSING else f", quick {quick!r}"
             )
+            if "min" in f.metadata:
+                shown += f", >= {f.metadata['min']!r}"
             kwargs: dict[str, Any] = {"help": f"{text} ({shown})" if text else shown}
             if typ is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction

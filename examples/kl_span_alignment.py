@@ -75,10 +75,7 @@ class Settings(C.Settings):
     alpha: float = C.field(0.05, "family-wise error rate of the simultaneous intervals")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for f in dataclasses.fields(self):  # min=: the smallest value a flag takes
-            if "min" in f.metadata and getattr(self, f.name) < f.metadata["min"]:
-                raise ValueError(f"{self.flag(f.name)} must be >= {f.metadata['min']}")
+        super().__post_init__()  # checks every field's min=
         if (self.data is None) != (self.bbq_metadata is None):
             raise ValueError("--data (official BBQ JSONL) and --bbq-metadata (its CSV) go together")
         if not 0 < self.alpha < 1:

@@ -23,17 +23,12 @@ def Study(C):
     class Study(C.Settings):
         QUICK: ClassVar[dict[str, Any]] = {"layer_fraction": 0.25, "seeds": (3,)}
 
-        n_items: int = C.field(100, "items per condition", quick=4)
+        n_items: int = C.field(100, "items per condition", quick=4, min=1)
         layer_fraction: float = C.field(0.5, "layer as a fraction of depth")
         judge_model: str | None = C.field(None, "judge model")
         plot: bool = C.field(True, "write plots")
         sizes: tuple[int, ...] = C.field((1, 2), "sizes")
         style: str = C.field("a", "style", choices=("a", "b"))
-
-        def __post_init__(self):
-            super().__post_init__()
-            if self.n_items < 1:
-                raise ValueError("--n-items must be >= 1")
 
     return Study
 
@@ -54,7 +49,7 @@ def test_quick_preset_and_explicit_flags_win(Study):
     s = Study.parse(["--quick"], "study")
     # field(quick=) and QUICK (for a field declared in the base class) both take effect
     assert (s.quick, s.n_items, s.layer_fraction, s.seeds) == (True, 4, 0.25, (3,))
-    assert "quick 4" in Study.parser("study", None).format_help()
+    assert "quick 4, >= 1" in Study.parser("study", None).format_help()
     s = Study.parse(["--quick", "--n-items", "7"], "study")
     assert (s.n_items, s.layer_fraction) == (7, 0.25)
     # an explicit flag equal to the full default still beats the preset
