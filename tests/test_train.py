@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import random
+import tempfile
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from interp.families import tiny_hf
 from interp.spans import LexiconCategory, LexiconDetector, find_response_spans, mark_biased
 from interp.train import (
-    CHECKPOINT_NAME,
+    RUN_FILE,
+    STATE_FILE,
     KLSpanLoss,
     SFTLoss,
     TrainConfig,
@@ -278,11 +283,53 @@ def test_eval_callback_wrapper_and_rng_isolation():
 
     cfg = TrainConfig(epochs=5, batch_size=4, eval_every=2, seed=3)
     rng_before = torch.get_rng_state()
+    np_before = np.random.get_state()
     result = train(wrapper, PAIRS, SFTLoss(), cfg, eval_fn=evaluate, progress=False)
     assert torch.equal(torch.get_rng_state(), rng_before)  # caller's RNG untouched
+    # ... also numpy's, which transformers' Trainer seeds too. (Python's too, but the test
+    # run's beartype draws from it to sample the lists it checks: see the next test.)
+    np_after = np.random.get_state()
+    assert np_after[1].tolist() == np_before[1].tolist() and np_after[2:] == np_before[2:]
     assert calls == [2, 4, 5] and result.evals[1] == (4, {"step_sq": 16.0})
     plain = train(tiny_hf("llama", seed=0)[0], PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
     assert result.losses == plain.losses
+
+
+def test_forked_rngs_restore_what_the_trainer_seeds():
+    from transformers import set_seed
+
+    from interp.train.loop import _forked_rngs
+
+    before = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+    with _forked_rngs():
+        set_seed(3)  # what transformers.Trainer does: random, numpy, torch (and CUDA)
+        random.random(), np.random.rand(), torch.rand(2)
+    after = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2])
+
+
+def test_data_order_and_rng_draws_are_the_hand_written_loops():
+    """Epoch e visits randperm(n) from Generator(seed + e); the global RNG, seeded with the
+    seed, feeds the model alone (the data loader must not draw from it at each epoch)."""
+    examples = [{"input_ids": [20 + i, 5, 6, 7], "loss_mask": [0, 1, 1, 1]} for i in range(5)]
+    seen, states = [], []
+
+    def loss(logits, batch):
+        seen.append(int(batch.input_ids[0, 0]) - 20)
+        states.append(torch.get_rng_state())
+        return SFTLoss()(logits, batch)
+
+    cfg = TrainConfig(batch_size=1, epochs=2, dropout=0.0, seed=4)
+    train(tiny_hf("llama")[0], examples, loss, cfg, progress=False)
+    want = [
+        i for e in (0, 1) for i in torch.randperm(5, generator=torch.Generator().manual_seed(4 + e))
+    ]
+    assert seen == want
+    seeded = torch.random.fork_rng(devices=[])
+    with seeded:
+        torch.manual_seed(4)
+        expected = torch.get_rng_state()
+    assert all(torch.equal(s, expected) for s in states)  # nothing drew: dropout is off
 
 
 class Interrupted(Exception):
@@ -324,8 +371,12 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
             checkpoint_dir=tmp_path,
             progress=False,
         )
-    assert (tmp_path / CHECKPOINT_NAME).is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp files left
+    # The newest complete checkpoint only (checkpoint-1 was deleted once checkpoint-2 was
+    # complete), its state file written last; no temp files left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", RUN_FILE]
+    state = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert state["step"] == 2 and state["losses"] == list(full.losses[:2])
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
 
     resumed = train(
         tiny_hf("llama")[0],
@@ -360,6 +411,108 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
             tiny_hf("llama")[0], examples, SFTLoss(), TrainConfig(**{**cfg.as_dict(), "lr": 1e-3}),
             tokenizer=tok, checkpoint_dir=tmp_path, progress=False,
         )  # fmt: skip
+
+
+def test_a_save_cut_short_is_never_resumed_from(tmp_path, monkeypatch):
+    """A kill inside the Trainer's save (adapter written, optimizer not) leaves a folder
+    that transformers' get_last_checkpoint picks, and the Trainer would resume from it
+    without the optimizer state; train resumes from the last complete checkpoint, here
+    mid-epoch (shuffled, dropout on), and deletes the partial one."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    _, tok = tiny_hf("llama", seed=0)
+    # One example per step: 4 steps in the one epoch, checkpoints after steps 2 and 4.
+    cfg = TrainConfig(lr=5e-3, batch_size=1, dropout=0.1, warmup_ratio=0.25, save_every=2)
+    full = train(tiny_hf("llama")[0], PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
+    save = Trainer._save_optimizer_and_scheduler
+
+    def killed(self, output_dir):
+        if self.state.global_step == 4:
+            raise Interrupted
+        return save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", killed)
+    with pytest.raises(Interrupted):
+        train(
+            tiny_hf("llama")[0],
+            PAIRS,
+            SFTLoss(),
+            cfg,
+            tokenizer=tok,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    monkeypatch.undo()
+    partial = tmp_path / "checkpoint-4"
+    assert get_last_checkpoint(str(tmp_path)) == str(partial)
+    assert not (partial / STATE_FILE).exists() and not (partial / "optimizer.pt").exists()
+
+    again = dict(tokenizer=tok, checkpoint_dir=tmp_path, progress=False)
+    resumed = train(tiny_hf("llama")[0], PAIRS, SFTLoss(), cfg, **again)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    assert resumed.losses == full.losses and resumed.grad_norms == full.grad_norms
+    want, got = trainable(full.model), trainable(resumed.model)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", RUN_FILE]
+    assert (partial / STATE_FILE).is_file()  # rewritten complete
+
+
+def test_checkpoints_train_did_not_write_are_refused(tmp_path):
+    _, tok = tiny_hf("llama", seed=0)
+    (tmp_path / "trainer" / "checkpoint-3").mkdir(parents=True)  # e.g. train_trainer's
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.pt").write_bytes(b"")  # the earlier loop's one file
+    for name in ("trainer", "old"):
+        with pytest.raises(ValueError, match="did not write"):
+            where = dict(checkpoint_dir=tmp_path / name, progress=False)
+            train(tiny_hf("llama")[0], PAIRS, SFTLoss(), TrainConfig(), tokenizer=tok, **where)
+    assert sorted(p.name for p in (tmp_path / "trainer").iterdir()) == ["checkpoint-3"]
+
+
+def test_without_checkpoint_dir_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    _, tok = tiny_hf("llama", seed=0)
+    cfg = TrainConfig(max_steps=2, batch_size=2, save_every=1)
+    result = train(tiny_hf("llama")[0], PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
+    assert result.steps == 2
+    assert [p.name for p in tmp_path.rglob("*")] == ["tmp"]
+
+
+def test_the_model_is_trained_where_it_is(tmp_path, monkeypatch):
+    from interp.train.trainer import in_place_arguments
+
+    kw = dict(output_dir=str(tmp_path), report_to="none")
+    cpu = in_place_arguments(kw, {"cpu"}, None)  # also on a CUDA machine
+    assert cpu.use_cpu and cpu.device == torch.device("cpu") and cpu.n_gpu == 0
+    assert cpu.place_model_on_device is False
+    with pytest.raises(ValueError, match=r"where it is, on cuda:1.*would move it"):
+        in_place_arguments(kw, {"cuda:1"}, None)
+    offloaded = {"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}
+    disk = in_place_arguments(kw, {"cpu", "meta"}, offloaded)
+    assert disk.use_cpu and disk.place_model_on_device is False
+    mixed = in_place_arguments(kw, {"cuda:0", "cpu"}, {"model.layers": 0, "lm_head": "cpu"})
+    assert not mixed.use_cpu and mixed.n_gpu <= 1 and mixed.place_model_on_device is False
+    with pytest.raises(ValueError, match="without an accelerate device map"):
+        in_place_arguments(kw, {"cpu", "cuda:0"}, None)
+
+    # A dispatched model (here a CPU one that claims a device map) is never moved.
+    model, tok = tiny_hf("llama", seed=0)
+    model.hf_device_map = offloaded
+    cfg = TrainConfig(max_steps=1, batch_size=2)
+    peft_model = apply_lora(model, cfg)
+
+    def no_move(self, *args, **kwargs):
+        raise AssertionError(f"moved {type(self).__name__} to {args} {kwargs}")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_move)
+    assert train(peft_model, PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False).steps == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="train_trainer"):
+        train(tiny_hf("llama")[0], PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
 
 
 def test_non_scalar_or_non_finite_losses_are_rejected():

@@ -1,6 +1,7 @@
 """``interp.train.trainer``: the library's losses on ``transformers.Trainer``. One process takes
-the same steps as the hand-written loop; an interrupted run resumes to the uninterrupted
-weights; two ``torchrun`` processes (gloo) train the KL span loss to the one-process weights."""
+the same steps as ``interp.train.train`` (the same engine behind a one-process front end); an
+interrupted run resumes to the uninterrupted weights; two ``torchrun`` processes (gloo) train
+the KL span loss to the one-process weights."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def close(a: dict, b: dict, atol: float = 1e-5) -> None:
     "loss, accum", [(SFTLoss(), 1), (KLSpanLoss(), 1), (KLSpanLoss(), 2)],
     ids=["sft", "kl_span", "kl_span-accum2"],
 )  # fmt: skip
-def test_one_process_equals_the_hand_written_loop(tmp_path, loss, accum):
+def test_one_process_equals_train(tmp_path, loss, accum):
     config = TrainConfig(**dict(CONFIG, batch_size=4 // accum), epochs=2, shuffle=False,
                          grad_accum_steps=accum)  # fmt: skip
     m1, tok = tiny_hf("llama")
@@ -84,7 +85,7 @@ def tiny_lora():
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     from transformers import TrainerCallback
 
-    config = TrainConfig(**CONFIG, max_steps=6, save_every=2)
+    config = TrainConfig(**CONFIG, epochs=3, max_steps=6, save_every=2)
     m, tok = tiny_hf("llama")
     whole = train_trainer(
         m, pairs(), KLSpanLoss(), config, tokenizer=tok, output_dir=tmp_path / "a", progress=False
@@ -116,6 +117,21 @@ def test_arguments_refuse_double_settings(tmp_path):
         training_arguments(TrainConfig(), tmp_path, 8, learning_rate=1.0)
     args = training_arguments(TrainConfig(max_grad_norm=None), tmp_path, 8, report_to="none")
     assert args.max_grad_norm == 0.0 and args.remove_unused_columns is False
+    # max_steps caps the epochs, as in interp.train.train: 8 examples, batch 4, one epoch.
+    capped = training_arguments(TrainConfig(epochs=1, max_steps=50), tmp_path, 8)
+    assert capped.max_steps == 2
+
+
+def test_last_checkpoint_skips_a_save_cut_short(tmp_path):
+    from interp.train.trainer import _last_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st'), (6, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    # transformers' get_last_checkpoint would take checkpoint-6 (its save never got to the
+    # state, written last) or checkpoint-4 (state cut short).
+    assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
 
 
 SCRIPT = textwrap.dedent(

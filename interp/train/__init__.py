@@ -10,16 +10,19 @@ loss serves training, ``capture_grads`` and evaluation. ``SFTLoss``
 and ``weighted_sum`` ship; anything else plugs in the same way.
 
 ``train(model, examples, loss, TrainConfig(...))`` attaches LoRA with
-``peft`` (optionally only to chosen layers), runs AdamW with gradient
-accumulation, a warmup+cosine schedule and norm clipping, calls an eval
-callback every N steps, and checkpoints atomically so an interrupted run
-resumes to the same adapter. ``save_adapter``/``load_adapter`` round-trip the
-adapter through ``peft``'s format.
+``peft`` (optionally only to chosen layers) and runs its steps on
+``transformers.Trainer`` (``trainer.LossTrainer``): AdamW with gradient
+accumulation, a warmup+cosine schedule and norm clipping, an eval callback every
+N steps, and checkpoints that an interrupted run resumes from to the same adapter.
+``trainer.train_trainer`` is the same engine for ``torchrun`` / ``accelerate launch``
+(DDP, FSDP, DeepSpeed). ``save_adapter``/``load_adapter`` round-trip the adapter
+through ``peft``'s format.
 
 Modules: ``config`` (``TrainConfig``), ``data`` (examples -> tensors),
-``objectives`` (losses), ``lora`` (attach/save/load), ``loop`` (``train``), ``trial``
-(``lora_trial``: a fine-tune for the length of a ``with`` block).
-Nothing heavy is imported until used (``peft`` and ``tqdm`` load lazily).
+``objectives`` (losses), ``lora`` (attach/save/load), ``loop`` (``train``), ``trainer``
+(``LossTrainer``, ``train_trainer``), ``trial`` (``lora_trial``: a fine-tune for the
+length of a ``with`` block). Nothing heavy is imported until used (``peft`` and
+``transformers``' Trainer load lazily).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 from interp.train.config import TrainConfig
 from interp.train.data import collate, encode_example, prepare
 from interp.train.evaluate import example_losses
-from interp.train.loop import CHECKPOINT_NAME, TrainResult, cosine_with_warmup, train
+from interp.train.loop import RUN_FILE, STATE_FILE, TrainResult, cosine_with_warmup, train
 from interp.train.lora import (
     apply_lora,
     default_target_modules,
@@ -47,7 +50,8 @@ from interp.train.objectives import (
 from interp.train.trial import lora_trial
 
 __all__ = [
-    "CHECKPOINT_NAME",
+    "RUN_FILE",
+    "STATE_FILE",
     "KLSpanLoss",
     "LossFn",
     "SFTLoss",
