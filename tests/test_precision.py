@@ -189,9 +189,13 @@ def test_checkpointing_gives_the_same_loss_grads_and_activations(family, interve
     for ck in (False, True):
         with model.hooks(fwd=fwd):
             out[ck] = interp.capture_grads(
-                model, TEXTS, last_logsumexp, NAMES, return_activations=True,
+                model,
+                TEXTS,
+                last_logsumexp,
+                NAMES,
+                return_activations=True,
                 gradient_checkpointing=ck,
-            )  # fmt: skip
+            )
     plain, ck = out[False], out[True]
     torch.testing.assert_close(ck.loss, plain.loss, rtol=1e-6, atol=1e-6)
     assert list(ck.grads.keys()) == list(plain.grads.keys()) == model.resolve(NAMES)
@@ -222,9 +226,12 @@ def test_checkpointing_recomputes_inner_hooks_only_and_saves_memory():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             interp.capture_grads(
-                model, TEXTS, last_logsumexp, "blocks.1.hook_resid_post",
+                model,
+                TEXTS,
+                last_logsumexp,
+                "blocks.1.hook_resid_post",
                 gradient_checkpointing=ck,
-            )  # fmt: skip
+            )
         saved[ck] = total[0]
 
     fwd = [("blocks.0.attn.hook_pattern", inner), ("blocks.0.hook_resid_post", outer)]

@@ -145,16 +145,23 @@ def test_lora_restricted_to_layers_creates_params_only_there():
     assert names and all(".layers.2." in n and "lora_" in n for n in names)
     adapted = {n.split(".layers.2.")[1].split(".lora_")[0] for n in names}
     assert adapted == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    }  # fmt: skip
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
     # Nothing else is trainable, and the base weights of layer 2 are frozen.
     assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
     some = lora_target_names(tiny_hf("llama")[0], ("q_proj", "down_proj"), (0, 2))
     assert some == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj",
-    ]  # fmt: skip
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.2.self_attn.q_proj",
+        "model.layers.2.mlp.down_proj",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -408,9 +415,14 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     )
     with pytest.raises(ValueError, match=r"different run.*lr"):
         train(
-            tiny_hf("llama")[0], examples, SFTLoss(), TrainConfig(**{**cfg.as_dict(), "lr": 1e-3}),
-            tokenizer=tok, checkpoint_dir=tmp_path, progress=False,
-        )  # fmt: skip
+            tiny_hf("llama")[0],
+            examples,
+            SFTLoss(),
+            TrainConfig(**{**cfg.as_dict(), "lr": 1e-3}),
+            tokenizer=tok,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
 
 
 def test_a_save_cut_short_is_never_resumed_from(tmp_path, monkeypatch):

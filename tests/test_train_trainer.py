@@ -56,12 +56,14 @@ def close(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize(
-    "loss, accum", [(SFTLoss(), 1), (KLSpanLoss(), 1), (KLSpanLoss(), 2)],
+    "loss, accum",
+    [(SFTLoss(), 1), (KLSpanLoss(), 1), (KLSpanLoss(), 2)],
     ids=["sft", "kl_span", "kl_span-accum2"],
-)  # fmt: skip
+)
 def test_one_process_equals_train(tmp_path, loss, accum):
-    config = TrainConfig(**dict(CONFIG, batch_size=4 // accum), epochs=2, shuffle=False,
-                         grad_accum_steps=accum)  # fmt: skip
+    config = TrainConfig(
+        **dict(CONFIG, batch_size=4 // accum), epochs=2, shuffle=False, grad_accum_steps=accum
+    )
     m1, tok = tiny_hf("llama")
     ref = train(m1, pairs(), loss, config, tokenizer=tok, progress=False)
     m2, _ = tiny_hf("llama")
@@ -100,9 +102,15 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     m, _ = tiny_hf("llama")
     with pytest.raises(KeyboardInterrupt):
         train_trainer(
-            m, pairs(), KLSpanLoss(), config, tokenizer=tok, output_dir=out, progress=False,
+            m,
+            pairs(),
+            KLSpanLoss(),
+            config,
+            tokenizer=tok,
+            output_dir=out,
+            progress=False,
             callbacks=[Kill()],
-        )  # fmt: skip
+        )
     assert (out / "checkpoint-4").is_dir()
     m, _ = tiny_hf("llama")
     resumed = train_trainer(
@@ -171,18 +179,34 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     one = dict(CONFIG, epochs=2, shuffle=False)
     m, tok = tiny_hf("llama")
     ref = train_trainer(
-        m, pairs(), KLSpanLoss(), TrainConfig(**one), tokenizer=tok,
-        output_dir=tmp_path / "one", progress=False,
-    )  # fmt: skip
+        m,
+        pairs(),
+        KLSpanLoss(),
+        TrainConfig(**one),
+        tokenizer=tok,
+        output_dir=tmp_path / "one",
+        progress=False,
+    )
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
-         json.dumps(pairs()), json.dumps(dict(one, batch_size=2)), str(out)],
-        capture_output=True, text=True, timeout=400, env=env,
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            json.dumps(pairs()),
+            json.dumps(dict(one, batch_size=2)),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = torch.load(out / "weights.pt")
     close(two, weights(ref.model))
