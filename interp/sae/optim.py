@@ -116,11 +116,11 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 state = self.state[p]
                 if "z" not in state:
                     state["z"] = p.detach().clone()
-                z = state["z"]
-                x = p.lerp(z, 1 - 1 / beta)  # recover x from y (a temporary)
-                z.add_(p.grad.sign(), alpha=-lr)
-                x.lerp_(z, c)
-                p.copy_(x.lerp_(z, 1 - beta))
+                sign = p.grad.sign()
+                state["z"].add_(sign, alpha=-lr)
+                # y' = β x' + (1 − β) z' with x' = (1 − c) x + c z', x = (y − (1 − β) z) / β
+                # and z = z' + lr·sign reduce to one pass over y, in place:
+                p.lerp_(state["z"], c).add_(sign, alpha=-(1 - c) * (1 - beta) * lr)
             group["k"] += 1
         return None
 
