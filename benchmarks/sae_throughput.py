@@ -13,7 +13,8 @@ The committed result (real activations, 368,640 training tokens, with the ablati
     python benchmarks/sae_throughput.py --capture /tmp/sae_acts
     python benchmarks/sae_throughput.py --data /tmp/sae_acts --exclude-first 1 \
         --steps 87 --warmup 3 --eval-tokens 73728 --held-out-rows 40960 \
-        --interp-optimizer signsgd --interp-init sparsify --interp-b-dec-init mean --ablation
+        --interp-optimizer signsgd --interp-init sparsify --interp-b-dec-init mean --ablation \
+        --extra-seeds 1,2
 
 Peers, all on the same batches in the same order, on the same device and threads:
 
@@ -491,6 +492,29 @@ def ablation(args, batches, held, eval_steps) -> list[dict]:
     return rows
 
 
+def seed_spread(args, batches, held, eval_steps, seeds: list[int]) -> list[dict]:
+    """Held-out FVU of interp (the timed options) and of sparsify's default optimizer
+    with other initialization seeds (untimed), to tell a difference from seed noise."""
+    rows = []
+    for seed in seeds:
+        a = argparse.Namespace(**{**vars(args), "seed": seed})
+        kw = interp_kwargs(a)
+        init = kw.pop("init")
+        fvus: dict[str, dict[int, float]] = {"interp": {}}
+        run_interp(a, batches, held, eval_steps, [], {"interp": []}, fvus, init=init, **kw)
+        row = {"seed": seed, "interp": fvus["interp"]}
+        if not args.no_sparsify:
+            peer = SparsifyPeer(a, "signum", len(batches))
+            row["sparsify (signum)"] = {}
+            for i, batch in enumerate(batches):
+                peer.step(batch)
+                if i + 1 in eval_steps:
+                    row["sparsify (signum)"][(i + 1) * args.batch] = peer.fvu(held)
+        print(f"seed {seed}: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -533,6 +557,11 @@ def main(argv: list[str] | None = None) -> None:
         "--ablation", action="store_true", help="also train the interp ablation variants"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--extra-seeds",
+        default="",
+        help="comma-separated init seeds: held-out FVU of interp and sparsify (signum) again",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/sae_throughput.json")
@@ -586,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     machine_timed_end = harness.loadavg()
 
     rows = ablation(args, batches, held, eval_steps) if args.ablation else []
+    seeds = [int(s) for s in args.extra_seeds.split(",") if s]
+    spread = seed_spread(args, batches, held, eval_steps, seeds) if seeds else []
     harness.finish(machine)
     machine["loadavg_end_timed_part"] = machine_timed_end
 
@@ -672,6 +703,24 @@ def main(argv: list[str] | None = None) -> None:
                 + " |"
             )
         markdown.append("\n".join(ab))
+    if spread:
+        cols = ["interp"] + (["sparsify (signum)"] if not args.no_sparsify else [])
+        first = {"seed": args.seed, "interp": fvus["interp"]}
+        if not args.no_sparsify:
+            first["sparsify (signum)"] = fvus.get("sparsify (signum)", {})
+        sp = [
+            "| init seed | "
+            + " | ".join(f"{c}, FVU after {t:,} tokens" for c in cols for t in tokens)
+            + " |",
+            "|---:|" + "---:|" * (len(cols) * len(tokens)),
+        ]
+        for r in [first, *spread]:
+            sp.append(
+                f"| {r['seed']} | "
+                + " | ".join(f"{r[c][t]:.4f}" for c in cols for t in tokens)
+                + " |"
+            )
+        markdown.append("\n".join(sp))
 
     markdown += notes
     payload = {
@@ -709,6 +758,7 @@ def main(argv: list[str] | None = None) -> None:
             for p in peers
         },
         "ablation": rows,
+        "seed_spread": spread,
     }
     if "sae-lens" in speed:  # run_all's summary reads these (interp vs SAELens)
         payload["speedup"] = speed["sae-lens"]
