@@ -166,13 +166,30 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
                 f"{sp['median']:.2f}× ({sp['min']:.2f}–{sp['max']:.2f})",
                 load=load,
             )
-        for lib in ("interp", "sae_lens"):
-            if lib in d and "fvu_held_out" in d[lib]:
+        target = d.get("target", {})
+        for peer, r in d.get("peers", {}).items():
+            sr = r.get("speed_ratio")
+            if peer.startswith("sparsify") and sr:
+                verdict = "met" if target.get("speed_met") else "not met"
+                ratio = f"{sr['median']:.2f}× ({sr['min']:.2f}–{sr['max']:.2f})"
+                add("sae_throughput", size, f"interp speed / {peer}", ratio, "≥ 2×", verdict, load)
+        peers = {"interp": d.get("interp", {}), **d.get("peers", {})}
+        for lib, r in peers.items():
+            by_tokens = r.get("fvu_held_out_by_tokens") or {}
+            for tokens, fvu in by_tokens.items():
+                add(
+                    "sae_throughput",
+                    size,
+                    f"held-out FVU after {int(tokens):,} tokens, {lib}",
+                    f"{fvu:.4f}",
+                    load=load,
+                )
+            if not by_tokens and "fvu_held_out" in r:
                 add(
                     "sae_throughput",
                     size,
                     f"held-out FVU, {lib}",
-                    f"{d[lib]['fvu_held_out']:.3f}",
+                    f"{r['fvu_held_out']:.3f}",
                     load=load,
                 )
     if d := read("workbench"):

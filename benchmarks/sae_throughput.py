@@ -19,9 +19,10 @@ The committed result (real activations, 368,640 training tokens, with the ablati
 Peers, all on the same batches in the same order, on the same device and threads:
 
 * ``interp``: the real ``interp.sae.train_sae`` loop with the options given (by default
-  its defaults: Adam, Gao init, geometric-median b_dec), fed by a generator that runs the
-  peers' steps around each of our steps, so every group of steps runs back to back under
-  the same machine conditions (interp's place in the group rotates).
+  the library's: schedule-free SignSGD, sparsify init, geometric-median b_dec), fed by a
+  generator that runs the peers' steps around each of our steps, so every group of steps
+  runs back to back under the same machine conditions (interp's place in the group
+  rotates).
 * ``sparsify`` (PyPI ``eai-sparsify``), once with each optimizer: its default
   (``signum``: ``ScheduleFreeWrapper(SignSGD, momentum=0.95)``, lr 5e-3/√(d_sae/2^14), no
   warm-up) and ``adam`` (lr 2e-4/√(d_sae/2^14), ``get_linear_schedule_with_warmup(1000,
@@ -430,18 +431,22 @@ def run_interp(
 
 ABLATION = [
     # (label, TopKSAE init, train_sae options)
-    ("interp default: Adam, Gao init, geometric-median b_dec, 1,000 warm-up steps", "gao", {}),
-    ("Adam + sparsify init", "sparsify", {}),
-    ("Adam + sparsify init + mean b_dec", "sparsify", {"b_dec_init": "mean"}),
-    ("Adam, no warm-up", "gao", {"warmup_steps": 0}),
+    (
+        "Adam, Gao init, geometric-median b_dec, 1,000 warm-up steps (interp's former default)",
+        "gao",
+        {"optimizer": "adam"},
+    ),
+    ("Adam + sparsify init", "sparsify", {"optimizer": "adam"}),
+    ("Adam + sparsify init + mean b_dec", "sparsify", {"optimizer": "adam", "b_dec_init": "mean"}),
+    ("Adam, no warm-up", "gao", {"optimizer": "adam", "warmup_steps": 0}),
     (
         "Adam, no warm-up + sparsify init + mean b_dec",
         "sparsify",
-        {"warmup_steps": 0, "b_dec_init": "mean"},
+        {"optimizer": "adam", "warmup_steps": 0, "b_dec_init": "mean"},
     ),
-    ("Adam, no warm-up, lr ×10", "gao", {"warmup_steps": 0, "lr_mult": 10}),
+    ("Adam, no warm-up, lr ×10", "gao", {"optimizer": "adam", "warmup_steps": 0, "lr_mult": 10}),
     ("SignSGD (schedule-free), Gao init, geometric-median b_dec", "gao", {"optimizer": "signsgd"}),
-    ("SignSGD + sparsify init", "sparsify", {"optimizer": "signsgd"}),
+    ("SignSGD + sparsify init (interp's default)", "sparsify", {"optimizer": "signsgd"}),
     (
         "SignSGD + sparsify init + mean b_dec (sparsify's recipe)",
         "sparsify",
@@ -539,8 +544,8 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="comma-separated training-token counts (multiples of --batch) at which held-out FVU is measured; the end always",
     )
-    parser.add_argument("--interp-optimizer", default="adam", choices=["adam", "signsgd"])
-    parser.add_argument("--interp-init", default="gao", choices=["gao", "sparsify"])
+    parser.add_argument("--interp-optimizer", default="signsgd", choices=["adam", "signsgd"])
+    parser.add_argument("--interp-init", default="sparsify", choices=["gao", "sparsify"])
     parser.add_argument(
         "--interp-b-dec-init", default="geometric_median", choices=["geometric_median", "mean"]
     )

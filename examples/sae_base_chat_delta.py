@@ -63,6 +63,8 @@ class Settings(C.Settings):
     sae_steps: int = C.field(1500, "SAE training steps", quick=200)
     sae_batch: int = C.field(32, "rows per SAE step")
     sae_lr: float = C.field(1e-3, "SAE learning rate")
+    sae_optimizer: str = C.field("adam", "SAE optimizer", choices=("adam", "signsgd"))
+    sae_init: str = C.field("gao", "SAE initialisation", choices=("gao", "sparsify"))
     dead_window: int = C.field(20, "a latent is dead after this many batches without firing")
     resample_every: int | None = C.field(400, "dead-latent resample period (None: off)", quick=60)
     n_boot: int = C.field(1000, "bootstrap resamples", quick=200)
@@ -283,16 +285,15 @@ def study(s: Settings, report: C.Report) -> None:
     saes, scales, codes, rows = {}, {}, {}, []
     sched = {"warmup_steps": min(20, s.sae_steps), "resample_every": s.resample_every}
     dead = s.dead_window * s.sae_batch  # rows: one per sentence
-    cfg = SAETrainConfig(
-        lr=s.sae_lr, max_steps=s.sae_steps, seed=s.seed, dead_tokens=dead, progress=False, **sched
-    )
+    run = dict(max_steps=s.sae_steps, seed=s.seed, dead_tokens=dead, progress=False)
+    cfg = SAETrainConfig(lr=s.sae_lr, optimizer=s.sae_optimizer, **sched, **run)
     d_sae = max(s.k + 1, round(s.sae_mult * acts["base"][mid].shape[1]))
     with report.step("train_saes"):
         for kind, ly in [(kind, ly) for kind in KINDS for ly in layers]:
             x = acts[kind][ly]  # rows scaled to mean norm sqrt(d_model) on the training rows
-            hook, dev = HOOK.format(ly), model.device
+            where = dict(hook_name=HOOK.format(ly), device=model.device, init=s.sae_init)
             sae, scales[kind, ly], res = train_on_rows(
-                x[train], d_sae, s.k, cfg, batch_size=s.sae_batch, hook_name=hook, device=dev
+                x[train], d_sae, s.k, cfg, batch_size=s.sae_batch, **where
             )
             xs = x / scales[kind, ly]
             saes[kind, ly], codes[kind, ly] = sae, dense_codes(sae, xs)

@@ -40,12 +40,12 @@ def test_config_validation_messages(kwargs, error, match):
 
 
 def test_init_unit_norm_decoder_and_tied_encoder():
-    sae = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(0))
+    sae = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(0), init="gao")
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     assert sae.W_enc.shape == (8, 32) and sae.W_dec.shape == (32, 8)
     assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
-    other = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(0))
+    other = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(0), init="gao")
     assert torch.equal(sae.W_dec, other.W_dec)  # seeded through the generator
     assert all(p.dtype == torch.float32 for p in sae.parameters())
 

@@ -141,7 +141,8 @@ def test_config_validation():
         {"optimizer": "sgd"},
         {"optimizer": "signsgd", "betas": (0.8, 0.999)},
         {"optimizer": "signsgd", "eps": 1e-8},
-        {"momentum": 0.9},  # SignSGD's, with Adam
+        {"optimizer": "adam", "momentum": 0.9},  # SignSGD's, with Adam
+        {"betas": (0.8, 0.999)},  # Adam's, with the default (SignSGD)
         {"optimizer": "signsgd", "momentum": 1.0},
         {"b_dec_init": "median"},
         {"warmup_steps": -1},
@@ -226,17 +227,29 @@ def test_signsgd_resampling_resets_z(tmp_path):
 
 def test_options_change_training():
     data = _data(6)
-    base = train_sae(_sae(), data, lr=1e-2, warmup_steps=0, progress=False).sae
+    base = train_sae(_sae(), data, lr=1e-2, warmup_steps=0, optimizer="adam", progress=False).sae
     for kwargs, init in (
         ({"optimizer": "signsgd"}, "gao"),
         ({"b_dec_init": "mean"}, "gao"),
         ({}, "sparsify"),
         ({"normalize_decoder": False}, "gao"),
     ):
+        kwargs = {"optimizer": "adam", **kwargs}
         other = train_sae(_sae(init), data, lr=1e-2, warmup_steps=0, progress=False, **kwargs)
         assert not torch.allclose(other.sae.W_dec, base.W_dec), kwargs
         norms = other.sae.W_dec.norm(dim=1)
         unit = torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
         # SignSGD returns the average x of unit-norm iterates: rows a little shorter
-        expect = kwargs.get("normalize_decoder", True) and "optimizer" not in kwargs
+        expect = kwargs.get("normalize_decoder", True) and kwargs["optimizer"] == "adam"
         assert unit == expect, kwargs
+
+
+def test_defaults_are_signsgd_with_sparsify_init():
+    data = _data(6)
+    gen = torch.Generator().manual_seed(0)
+    default = train_sae(TopKSAE(16, 48, 4, generator=gen), data, progress=False).sae
+    explicit = train_sae(_sae("sparsify"), data, optimizer="signsgd", progress=False).sae
+    adam = train_sae(_sae("sparsify"), data, optimizer="adam", progress=False).sae
+    for name, p in default.state_dict().items():
+        torch.testing.assert_close(p, explicit.state_dict()[name], atol=0, rtol=0)
+    assert not torch.allclose(default.W_dec, adam.W_dec)

@@ -78,12 +78,14 @@ class PipelineConfig:
     training tokens the trainer makes several passes. ``lr`` None: ``default_lr(d_sae,
     optimizer)``. ``optimizer`` (``"adam"`` | ``"signsgd"``: schedule-free SignSGD),
     ``init`` (``"gao"`` | ``"sparsify"``) and ``b_dec_init`` (``"geometric_median"`` |
-    ``"mean"``) are ``SAETrainConfig``'s / ``TopKSAE``'s options; ``--optimizer signsgd
-    --init sparsify --b-dec-init mean --warmup-steps 0`` is sparsify's recipe.
+    ``"mean"``) are ``SAETrainConfig``'s / ``TopKSAE``'s options (defaults: schedule-free
+    SignSGD, sparsify's init); ``warmup_steps`` None is the optimizer's default (none for
+    SignSGD; 1,000 for Adam: set it for short Adam runs).
     ``dead_tokens``: a latent not fired for that many training tokens gets the AuxK loss.
     ``exclude_first``: leave each text's first n tokens out of training rows and
-    evaluation (1 drops the attention-sink first token of models without BOS, see
-    ``evaluate_on_model``).
+    evaluation (the default 1 drops the attention-sink first token of models without BOS,
+    see ``evaluate_on_model``; with a BOS it drops only the BOS, which special-token
+    masking leaves out anyway).
     """
 
     out: str = "sae_run"
@@ -95,15 +97,15 @@ class PipelineConfig:
     capture_tokens: int | None = None
     eval_texts: int = 64
     max_length: int = 256
-    exclude_first: int = 0
+    exclude_first: int = 1
     d_sae: int = 4608
     k: int = 32
     batch_size: int = 4096
     lr: float | None = None
-    optimizer: str = "adam"
-    init: str = "gao"
+    optimizer: str = "signsgd"
+    init: str = "sparsify"
     b_dec_init: str = "geometric_median"
-    warmup_steps: int = 50
+    warmup_steps: int | None = None
     dead_tokens: int = 1_000_000
     text_batch_size: int = 8
     buffer_rows: int = 65536
@@ -137,7 +139,7 @@ class PipelineConfig:
                 bad(f"{name} must be a positive int, got {value!r}")
         if self.capture_tokens is not None and self.capture_tokens < 1:
             bad(f"capture_tokens must be a positive int or None, got {self.capture_tokens}")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             bad(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
         if isinstance(self.exclude_first, bool) or self.exclude_first < 0:
             bad(f"exclude_first must be an int ≥ 0, got {self.exclude_first!r}")
@@ -174,7 +176,6 @@ QUICK: dict[str, Any] = {
     "d_sae": 2304,
     "k": 32,
     "batch_size": 1024,
-    "warmup_steps": 8,
     "dead_tokens": 32_768,
     "buffer_rows": 8192,
     "checkpoint_every": 8,
@@ -399,7 +400,7 @@ def run_pipeline(
             lr=cfg.lr,
             optimizer=cfg.optimizer,
             b_dec_init=cfg.b_dec_init,
-            warmup_steps=min(cfg.warmup_steps, cfg.steps),
+            warmup_steps=None if cfg.warmup_steps is None else min(cfg.warmup_steps, cfg.steps),
             dead_tokens=cfg.dead_tokens,
             max_steps=cfg.steps,
             seed=cfg.seed,

@@ -161,6 +161,7 @@ def train_on_rows(
     seed: int | None = None,
     hook_name: str | None = None,
     device: torch.device | str | None = None,
+    init: str = "sparsify",
 ) -> tuple[TopKSAE, float, SAETrainResult]:
     """A ``TopKSAE`` fitted to rows held in memory (e.g. one pooled vector per sentence).
 
@@ -169,7 +170,8 @@ def train_on_rows(
     ``x / input_scale`` and edit with ``pooled_splice(..., input_scale=input_scale)``.
     ``config.max_steps`` batches of ``batch_size`` rows are drawn with replacement. The
     SAE's initialisation is seeded with ``seed`` (default ``config.seed``), the batch draw
-    with ``seed + 1``; the SAE lives on ``device`` (default: the rows' device).
+    with ``seed + 1``; the SAE lives on ``device`` (default: the rows' device); ``init`` is
+    ``TopKSAE``'s.
 
     Returns:
         the SAE, ``input_scale`` and ``train_sae``'s result.
@@ -183,7 +185,7 @@ def train_on_rows(
     d = rows.shape[1]
     scale = max(float(rows.norm(dim=1).mean() / math.sqrt(d)), 1e-12)
     gen = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(d, d_sae, k, hook_name=hook_name, generator=gen).to(device)
+    sae = TopKSAE(d, d_sae, k, hook_name=hook_name, generator=gen, init=init).to(device)
     x, g = (rows / scale).to(device), torch.Generator().manual_seed(seed + 1)
     batches = (
         x[torch.randint(0, len(x), (batch_size,), generator=g).to(device)]
