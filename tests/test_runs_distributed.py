@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -87,7 +86,12 @@ SCRIPT = textwrap.dedent(
     passes = []
     with model.hooks(fwd=[("hook_embed", lambda t, h: passes.append(t.shape[0]))]):
         out = runs.capture_dataset(model, texts, names, to=sys.argv[1], **kw)
-    print("RESULT", dist.get_rank(), sum(passes), len(out), flush=True)
+    # Each rank's result goes to a file of its own: a record printed to the shared stdout pipe
+    # was lost once (fresh-clone run), flush or not.
+    path = os.path.join(os.environ["RESULT_DIR"], f"{dist.get_rank()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump([dist.get_rank(), sum(passes), len(out)], f)
+    os.replace(path + ".tmp", path)
     # After a barrier, leave without tearing gloo down: a rank exiting through destructors
     # while its peer still closes the group can abort ("terminate called without an active
     # exception"; seen under load).
@@ -107,7 +111,10 @@ def test_torchrun_two_processes_equal_one(llama, tmp_path):
     script.write_text(SCRIPT)
     folder = tmp_path / "acts"
     torchrun = Path(sys.executable).parent / "torchrun"
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["RESULT_DIR"] = str(results_dir)
     proc = subprocess.run(
         [
             str(torchrun),
@@ -124,10 +131,7 @@ def test_torchrun_two_processes_equal_one(llama, tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Two ranks share one stdout pipe: print may write the text and its newline apart, so
-    # one rank's line can land inside the other's; find the records, not lines.
-    found = re.findall(r"RESULT (\d+) (\d+) (\d+)", proc.stdout)
-    results = sorted(tuple(int(v) for v in r) for r in found)
+    results = sorted(tuple(json.loads(p.read_text())) for p in results_dir.glob("*.json"))
     rows = len(single)
     assert results == [(0, 8, rows), (1, 5, rows)]  # each rank ran its windows, got them all
     _same(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -228,10 +227,15 @@ from interp.sae.pipeline import PipelineConfig, run_pipeline
 
 dist.init_process_group("gloo")
 report = run_pipeline(PipelineConfig(**json.loads(sys.argv[1])), model=interp.tiny("llama", seed=0))
-print("RESULT", dist.get_rank(), report["train"]["steps"], report["timing"]["processes"])
+# Each rank's result goes to a file of its own: records printed to the shared stdout pipe were
+# lost (once in a fresh-clone run).
+result = [dist.get_rank(), report["train"]["steps"], report["timing"]["processes"]]
+path = os.path.join(os.environ["RESULT_DIR"], f"{dist.get_rank()}.json")
+with open(path + ".tmp", "w") as f:
+    json.dump(result, f)
+os.replace(path + ".tmp", path)
 # After a barrier, leave without tearing gloo down (a rank exiting through destructors while
 # its peer still closes the group can abort: "terminate called without an active exception").
-sys.stdout.flush()
 dist.barrier()
 os._exit(0)
 """
@@ -246,15 +250,15 @@ def test_torchrun_two_processes_train_the_one_process_sae(tmp_path, data, full):
     script.write_text(SCRIPT)
     cfg = asdict(_cfg(tmp_path / "ddp", data))
     torchrun = Path(sys.executable).parent / "torchrun"
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), json.dumps(cfg)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    env["RESULT_DIR"] = str(results_dir)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), json.dumps(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Both ranks print to one pipe, and a line can land inside the other's: find the records.
-    results = sorted(list(r) for r in re.findall(r"RESULT (\d+) (\d+) (\d+)", proc.stdout))
-    assert results == [["0", "10", "2"], ["1", "10", "2"]]
+    results = sorted(json.loads(p.read_text()) for p in results_dir.glob("*.json"))
+    assert results == [[0, 10, 2], [1, 10, 2]]
     a = load_file(str(Path(full["settings"]["out"]) / "sae" / "sae_weights.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "sae" / "sae_weights.safetensors"))
     for name in a:
