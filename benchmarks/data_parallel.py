@@ -95,8 +95,10 @@ def worker(args: argparse.Namespace) -> None:
         barrier()
         seconds = time.perf_counter() - t0
         amount = args.sae_steps * args.sae_batch
-    if rank == 0:
-        print("RESULT " + json.dumps({"seconds": seconds, "amount": amount}), flush=True)
+    if rank == 0:  # a file, not stdout: a record printed to torchrun's pipe was lost once
+        result = Path(args.folder + ".result.json")
+        result.with_suffix(".tmp").write_text(json.dumps({"seconds": seconds, "amount": amount}))
+        result.with_suffix(".tmp").replace(result)
     if world > 1:
         # After a barrier, leave without tearing gloo down: a rank exiting through
         # destructors while its peer still closes the group can abort ("terminate called
@@ -138,14 +140,18 @@ def launch(args: argparse.Namespace, workload: str, procs: int) -> dict:
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(procs), *common]
         cmd += ["--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if procs > 1 else str(args.procs)}
+    result = Path(folder + ".result.json")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0 or not result.is_file():
+            raise SystemExit(
+                f"{workload} with {procs} process(es) failed (exit {proc.returncode}, "
+                f"result file written: {result.is_file()}):\n{proc.stderr[-3000:]}"
+            )
+        return json.loads(result.read_text())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{workload} with {procs} process(es) failed:\n{proc.stderr[-3000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+        result.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
