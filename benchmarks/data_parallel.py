@@ -44,6 +44,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from interp.cache import atomic_write
+
     torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -96,9 +98,8 @@ def worker(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t0
         amount = args.sae_steps * args.sae_batch
     if rank == 0:  # a file, not stdout: a record printed to torchrun's pipe was lost once
-        result = Path(args.folder + ".result.json")
-        result.with_suffix(".tmp").write_text(json.dumps({"seconds": seconds, "amount": amount}))
-        result.with_suffix(".tmp").replace(result)
+        result = json.dumps({"seconds": seconds, "amount": amount})
+        atomic_write(args.folder + ".result.json", lambda tmp: Path(tmp).write_text(result))
     if world > 1:
         # After a barrier, leave without tearing gloo down: a rank exiting through
         # destructors while its peer still closes the group can abort ("terminate called

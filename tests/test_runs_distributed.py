@@ -76,9 +76,11 @@ def test_bad_rank_arguments_raise(llama, tmp_path):
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
+    from pathlib import Path
     import torch.distributed as dist
     import interp
     from interp import runs
+    from interp.cache import atomic_write
 
     dist.init_process_group("gloo")
     model = interp.tiny("llama")
@@ -88,10 +90,9 @@ SCRIPT = textwrap.dedent(
         out = runs.capture_dataset(model, texts, names, to=sys.argv[1], **kw)
     # Each rank's result goes to a file of its own: a record printed to the shared stdout pipe
     # was lost once (fresh-clone run), flush or not.
-    path = os.path.join(os.environ["RESULT_DIR"], f"{dist.get_rank()}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump([dist.get_rank(), sum(passes), len(out)], f)
-    os.replace(path + ".tmp", path)
+    result = json.dumps([dist.get_rank(), sum(passes), len(out)])
+    path = Path(os.environ["RESULT_DIR"], f"{dist.get_rank()}.json")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(result))
     # After a barrier, leave without tearing gloo down: a rank exiting through destructors
     # while its peer still closes the group can abort ("terminate called without an active
     # exception"; seen under load).

@@ -221,19 +221,19 @@ def test_sparsify_recipe_options_reach_training_and_export_the_average(tmp_path,
 
 SCRIPT = """
 import json, os, sys
+from pathlib import Path
 import torch.distributed as dist
 import interp
+from interp.cache import atomic_write
 from interp.sae.pipeline import PipelineConfig, run_pipeline
 
 dist.init_process_group("gloo")
 report = run_pipeline(PipelineConfig(**json.loads(sys.argv[1])), model=interp.tiny("llama", seed=0))
 # Each rank's result goes to a file of its own: records printed to the shared stdout pipe were
 # lost (once in a fresh-clone run).
-result = [dist.get_rank(), report["train"]["steps"], report["timing"]["processes"]]
-path = os.path.join(os.environ["RESULT_DIR"], f"{dist.get_rank()}.json")
-with open(path + ".tmp", "w") as f:
-    json.dump(result, f)
-os.replace(path + ".tmp", path)
+result = json.dumps([dist.get_rank(), report["train"]["steps"], report["timing"]["processes"]])
+path = Path(os.environ["RESULT_DIR"], f"{dist.get_rank()}.json")
+atomic_write(path, lambda tmp: Path(tmp).write_text(result))
 # After a barrier, leave without tearing gloo down (a rank exiting through destructors while
 # its peer still closes the group can abort: "terminate called without an active exception").
 dist.barrier()
