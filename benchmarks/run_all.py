@@ -175,21 +175,12 @@ def summary_rows(results_dir: Path = RESULTS) -> list[list[str]]:
                 add("sae_throughput", size, f"interp speed / {peer}", ratio, "≥ 2×", verdict, load)
         peers = {"interp": d.get("interp", {}), **d.get("peers", {})}
         for lib, r in peers.items():
-            by_tokens = r.get("fvu_held_out_by_tokens") or {}
-            for tokens, fvu in by_tokens.items():
+            for tokens, fvu in r.get("fvu_held_out_by_tokens", {}).items():
                 add(
                     "sae_throughput",
                     size,
                     f"held-out FVU after {int(tokens):,} tokens, {lib}",
                     f"{fvu:.4f}",
-                    load=load,
-                )
-            if not by_tokens and "fvu_held_out" in r:
-                add(
-                    "sae_throughput",
-                    size,
-                    f"held-out FVU, {lib}",
-                    f"{r['fvu_held_out']:.3f}",
                     load=load,
                 )
     if d := read("workbench"):

@@ -190,11 +190,12 @@ def _resume_point(
             f"checkpoint_dir {directory} belongs to a different run ("
             f"{_diff(saved, fingerprint)}); use another checkpoint_dir"
         )
-    complete = [(s, p) for s, p in folders if (p / STATE_FILE).is_file()]
-    for _, path in folders:
+    complete = []
+    for step, path in folders:
         if (path / STATE_FILE).is_file():
-            continue
-        shutil.rmtree(path)  # a save an interruption cut short: never resumed from
+            complete.append((step, path))
+        else:
+            shutil.rmtree(path)  # a save an interruption cut short: never resumed from
     if not complete:
         return None
     step, path = complete[-1]
