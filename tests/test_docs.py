@@ -59,14 +59,20 @@ def test_marker_parser():
         runnable_blocks("<!-- run -->\n```bash\nls\n```\n")
 
 
-@pytest.mark.parametrize("page", PRIMITIVES, ids=lambda p: p.stem)
-def test_primitive_page_snippets_run(page, tmp_path, monkeypatch):
+def _run_page(page, tmp_path, monkeypatch, *, required: bool = True) -> None:
+    """Run a page's runnable snippets in order, in one namespace, from ``tmp_path``."""
     blocks = runnable_blocks(page.read_text(encoding="utf-8"))
-    assert blocks, f"{page.name} has no runnable snippet (mark one with {RUN_MARKER})"
+    if required:
+        assert blocks, f"{page.name} has no runnable snippet (mark one with {RUN_MARKER})"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for line, code in blocks:
         exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", PRIMITIVES, ids=lambda p: p.stem)
+def test_primitive_page_snippets_run(page, tmp_path, monkeypatch):
+    _run_page(page, tmp_path, monkeypatch)
 
 
 COMING_FROM = [
@@ -80,11 +86,7 @@ COMING_FROM = [
 @pytest.mark.parametrize("page", COMING_FROM, ids=lambda p: p.stem)
 def test_coming_from_page_snippets_run(page, tmp_path, monkeypatch):
     """The migration pages' runnable snippets (on the embedded model) run as written."""
-    blocks = runnable_blocks(page.read_text(encoding="utf-8"))
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for line, code in blocks:
-        exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
+    _run_page(page, tmp_path, monkeypatch, required=False)
 
 
 EXAMPLES = sorted((DOCS / "examples").glob("*.md"))
@@ -94,12 +96,7 @@ EXAMPLES = sorted((DOCS / "examples").glob("*.md"))
 @pytest.mark.parametrize("page", EXAMPLES, ids=lambda p: p.stem)
 def test_example_page_snippets_run(page, tmp_path, monkeypatch):
     """The worked examples' runnable snippets (on the embedded model) run as written, in order."""
-    blocks = runnable_blocks(page.read_text(encoding="utf-8"))
-    assert blocks, f"{page.name} has no runnable snippet (mark one with {RUN_MARKER})"
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for line, code in blocks:
-        exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
+    _run_page(page, tmp_path, monkeypatch)
 
 
 def test_every_primitive_has_a_page():
