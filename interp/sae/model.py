@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from interp.sae.functional import (
     AllReduce,
     TopKActivations,
+    _blocks,
+    _sparse_decode,
+    _topk_encode_planned,
     _topk_encode_with_aux,
     auxk_loss,
     dense_decode,
@@ -210,10 +213,10 @@ class TopKSAE(SAEModule):
         x = self._cast_in(x)
         flat = x.reshape(-1, self.d_in)
         k_aux = self.d_in // 2 if k_aux is None else k_aux
-        acts, aux = _topk_encode_with_aux(
+        acts, aux, plan = _topk_encode_planned(
             flat, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux
         )
-        x_hat = sparse_decode(acts.indices, acts.values, self.W_dec, self.b_dec)
+        x_hat = _sparse_decode(acts.indices, acts.values, self.W_dec, self.b_dec, plan)
         fvu_term = fvu(flat, x_hat, all_reduce=all_reduce)
         aux_term = auxk_loss(flat, x_hat, aux, self.W_dec, all_reduce=all_reduce)
         lead = tuple(x.shape[:-1])
@@ -245,9 +248,9 @@ class TopKSAE(SAEModule):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit norm (done after each optimizer step)."""
-        self.W_dec.div_(
-            self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
-        )
+        tiny = torch.finfo(self.W_dec.dtype).tiny
+        for (rows,) in _blocks(self.W_dec, rows=True):
+            rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(tiny))
 
     @torch.no_grad()
     def project_decoder_grad_(self) -> None:
@@ -260,8 +263,8 @@ class TopKSAE(SAEModule):
         grad = self.W_dec.grad
         if grad is None:
             return
-        parallel = torch.linalg.vecdot(grad, self.W_dec).unsqueeze(1)
-        grad.addcmul_(parallel, self.W_dec, value=-1.0)  # in place, no [d_sae, d_in] temporary
+        for g, w in _blocks(grad, self.W_dec, rows=True):
+            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1.0)  # in place
 
     # ---- persistence (SAELens format) -------------------------------------------------
 

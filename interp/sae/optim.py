@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interp.sae.functional import _blocks
+
 __all__ = ["ScheduleFreeSignSGD"]
 
 
@@ -116,11 +118,14 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 state = self.state[p]
                 if "z" not in state:
                     state["z"] = p.detach().clone()
-                sign = p.grad.sign()
-                state["z"].add_(sign, alpha=-lr)
-                # y' = β x' + (1 − β) z' with x' = (1 − c) x + c z', x = (y − (1 − β) z) / β
-                # and z = z' + lr·sign reduce to one pass over y, in place:
-                p.lerp_(state["z"], c).add_(sign, alpha=-(1 - c) * (1 - beta) * lr)
+                # Block by block (elementwise, so the result does not depend on blocking):
+                # the four passes then read each block of grad, z and y from cache.
+                for g, z, y in _blocks(p.grad, state["z"], p):
+                    sign = g.sign()
+                    z.add_(sign, alpha=-lr)
+                    # y' = β x' + (1 − β) z' with x' = (1 − c) x + c z', x = (y − (1 − β) z)
+                    # / β and z = z' + lr·sign reduce to one update of y, in place:
+                    y.lerp_(z, c).add_(sign, alpha=-(1 - c) * (1 - beta) * lr)
             group["k"] += 1
         return None
 

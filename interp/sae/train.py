@@ -5,12 +5,16 @@ One function, ``train_sae``, reads top to bottom; each step does, in order:
 1. cast the batch to fp32 (parameters and Adam state stay fp32 whatever comes in);
 2. on the very first step, set b_dec to the geometric median of the batch
    (Gao et al. 2024, Appendix A.1);
-3. forward: FVU + α·AuxK, where AuxK uses the latents that have not fired for
+3. with schedule-free SignSGD, renormalize the decoder rows to unit norm (sparsify's
+   order: before each forward, so the average x that is returned is not shifted by one
+   last renormalization of the iterate y; Adam renormalizes after its step instead);
+   forward: FVU + α·AuxK, where AuxK uses the latents that have not fired for
    ``dead_tokens`` tokens (Gao et al. 2024, §2.4; α = 1/32, k_aux = d_in // 2);
 4. stop with ``FloatingPointError`` if the loss is not finite (nothing is updated);
 5. backward, sum gradients over data-parallel ranks, remove the decoder-gradient
-   component parallel to each decoder row, clip the global gradient norm, optimizer step
-   (Adam, or schedule-free SignSGD), renormalize decoder rows to unit norm (Appendix A.1);
+   component parallel to each decoder row, clip the global gradient norm (Adam only: a
+   sign step is unchanged by rescaling), optimizer step (Adam, or schedule-free SignSGD),
+   with Adam renormalize decoder rows to unit norm (Appendix A.1);
 6. update the per-latent "tokens since fired" counters; optionally resample dead
    latents (Bricken et al. 2023) as an alternative to AuxK;
 7. record ``StepMetrics`` (FVU, L0, dead fraction, AuxK) and checkpoint atomically.
@@ -63,6 +67,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from interp.cache import atomic_write
+from interp.sae.functional import reuse_encoder_buffer
 from interp.sae.model import TopKSAE
 from interp.sae.optim import ScheduleFreeSignSGD
 
@@ -84,6 +89,7 @@ B_DEC_INITS = ("geometric_median", "mean")
 _DEFAULT_BETAS = (0.9, 0.999)
 _DEFAULT_EPS = 6.25e-10
 _DEFAULT_MOMENTUM = 0.95
+_DEFAULT_MAX_NORM = 1.0
 
 
 def default_lr(d_sae: int, optimizer: str = "adam") -> float:
@@ -109,6 +115,9 @@ class SAETrainConfig:
     for Adam, 0 for SignSGD). ``b_dec_init``: ``"geometric_median"`` or ``"mean"``.
     ``normalize_decoder`` False skips the decoder-gradient projection and the unit-norm
     renormalization (an ablation: the decoder then keeps whatever row norms it learns).
+    ``max_grad_norm`` clips Adam's global gradient norm; SignSGD's step is the gradient's
+    sign, which clipping leaves unchanged, so any other value than the default (or None)
+    raises with ``optimizer="signsgd"``.
     """
 
     lr: float | None = None
@@ -118,7 +127,7 @@ class SAETrainConfig:
     momentum: float = _DEFAULT_MOMENTUM
     warmup_steps: int | None = None
     decay_steps: int = 0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = _DEFAULT_MAX_NORM
     auxk_alpha: float = 1 / 32
     k_aux: int | None = None
     dead_tokens: int = 10_000_000
@@ -144,6 +153,11 @@ class SAETrainConfig:
             tuple(self.betas) != _DEFAULT_BETAS or self.eps != _DEFAULT_EPS
         ):
             bad("betas and eps are Adam's; optimizer='signsgd' takes momentum instead")
+        if self.optimizer == "signsgd" and self.max_grad_norm not in (None, _DEFAULT_MAX_NORM):
+            bad(
+                "max_grad_norm clips Adam's gradient; SignSGD steps by the gradient's sign, "
+                "which clipping leaves unchanged (leave max_grad_norm at its default)"
+            )
         if self.optimizer == "adam" and self.momentum != _DEFAULT_MOMENTUM:
             bad("momentum is schedule-free SignSGD's; optimizer='adam' takes betas instead")
         if not 0 < self.momentum < 1:
@@ -429,104 +443,115 @@ def train_sae(
         desc="TopKSAE",
         unit="step",
     )
-    try:
-        for batch in stream:
-            x = batch.to(device=device, dtype=torch.float32).reshape(-1, sae.d_in)
+    with reuse_encoder_buffer():  # one pre-activation buffer for every step
+        try:
+            for batch in stream:
+                x = batch.to(device=device, dtype=torch.float32).reshape(-1, sae.d_in)
 
-            if state.step == 0 and cfg.init_b_dec:
-                sae.init_b_dec(dp.gather_rows(x), method=cfg.b_dec_init)
+                if state.step == 0 and cfg.init_b_dec:
+                    sae.init_b_dec(dp.gather_rows(x), method=cfg.b_dec_init)
 
-            lr = _lr_at(state.step, base_lr, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+                lr = _lr_at(state.step, base_lr, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
 
-            dead = state.tokens_since_fired >= cfg.dead_tokens
-            use_aux = cfg.auxk_alpha > 0 and bool(dead.any())
-            out = sae(
-                x,
-                dead_mask=dead if use_aux else None,
-                k_aux=cfg.k_aux,
-                all_reduce=dp.all_reduce,
-            )
-            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+                if cfg.normalize_decoder and isinstance(opt, ScheduleFreeSignSGD):
+                    sae.normalize_decoder_()
+                dead = state.tokens_since_fired >= cfg.dead_tokens
+                use_aux = cfg.auxk_alpha > 0 and bool(dead.any())
+                out = sae(
+                    x,
+                    dead_mask=dead if use_aux else None,
+                    k_aux=cfg.k_aux,
+                    all_reduce=dp.all_reduce,
+                )
+                loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
 
-            fired_local = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-            values = out.latents.values
-            fired_local[out.latents.indices[values > 0]] = 1
-            stats = torch.stack(
-                [
-                    out.fvu.detach(),
-                    out.auxk_loss.detach(),
-                    (values > 0).sum().to(x.dtype),
-                    x.new_tensor(float(x.shape[0])),
-                ]
-            )
-            fvu_g, aux_g, nnz_g, n_g = dp.sum(stats).tolist()
-            if not (math.isfinite(fvu_g) and math.isfinite(aux_g)):
-                bad_input = not bool(torch.isfinite(batch).all())
-                raise FloatingPointError(
-                    f"non-finite loss at step {state.step}: fvu={fvu_g}, auxk_loss={aux_g}"
-                    + (" — the input batch contains NaN/inf" if bad_input else "")
-                    + ". No update was applied; lower the learning rate or check the "
-                    "activations, then resume from the last checkpoint."
+                fired_local = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+                values = out.latents.values
+                fired_local[out.latents.indices[values > 0]] = 1
+                stats = torch.stack(
+                    [
+                        out.fvu.detach(),
+                        out.auxk_loss.detach(),
+                        (values > 0).sum().to(x.dtype),
+                        x.new_tensor(float(x.shape[0])),
+                    ]
+                )
+                fvu_g, aux_g, nnz_g, n_g = dp.sum(stats).tolist()
+                if not (math.isfinite(fvu_g) and math.isfinite(aux_g)):
+                    bad_input = not bool(torch.isfinite(batch).all())
+                    raise FloatingPointError(
+                        f"non-finite loss at step {state.step}: fvu={fvu_g}, auxk_loss={aux_g}"
+                        + (" — the input batch contains NaN/inf" if bad_input else "")
+                        + ". No update was applied; lower the learning rate or check the "
+                        "activations, then resume from the last checkpoint."
+                    )
+
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                dp.sum_grads_(params)
+                if cfg.normalize_decoder:
+                    sae.project_decoder_grad_()
+                if isinstance(opt, ScheduleFreeSignSGD):
+                    # Its step is the gradient's sign, which rescaling leaves as it is: clipping
+                    # would only cost a pass over every gradient. The norm is still reported.
+                    grads = [p.grad for p in params if p.grad is not None]
+                    grad_norm = torch.nn.utils.get_total_norm(grads)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                    )
+                if not bool(torch.isfinite(grad_norm)):
+                    raise FloatingPointError(
+                        f"non-finite gradient norm at step {state.step} ({float(grad_norm)}); "
+                        "no update was applied."
+                    )
+                opt.step()
+                if cfg.normalize_decoder and not isinstance(opt, ScheduleFreeSignSGD):
+                    sae.normalize_decoder_()
+
+                n_tokens = round(n_g)
+                fired = dp.sum(fired_local) > 0
+                state.tokens_since_fired += n_tokens
+                state.tokens_since_fired[fired] = 0
+                state.step += 1
+                state.tokens += n_tokens
+
+                if cfg.resample_every is not None and state.step % cfg.resample_every == 0:
+                    dead_now = state.tokens_since_fired >= cfg.dead_tokens
+                    if bool(dead_now.any()):
+                        residual = dp.gather_rows((x - out.x_hat).detach())
+                        _resample_dead_(sae, opt, residual, dead_now, gen)
+                        state.tokens_since_fired[dead_now] = 0
+
+                metrics = StepMetrics(
+                    step=state.step,
+                    tokens=state.tokens,
+                    loss=fvu_g + cfg.auxk_alpha * aux_g,
+                    fvu=fvu_g,
+                    auxk_loss=aux_g,
+                    l0=nnz_g / n_g,
+                    dead_fraction=float(
+                        (state.tokens_since_fired >= cfg.dead_tokens).float().mean()
+                    ),
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                )
+                state.history.append(metrics)
+                if on_step is not None:
+                    on_step(metrics)
+                bar.update(1)
+                bar.set_postfix(
+                    fvu=f"{fvu_g:.4f}", l0=f"{metrics.l0:.1f}", dead=f"{metrics.dead_fraction:.3f}"
                 )
 
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dp.sum_grads_(params)
-            if cfg.normalize_decoder:
-                sae.project_decoder_grad_()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-            )
-            if not bool(torch.isfinite(grad_norm)):
-                raise FloatingPointError(
-                    f"non-finite gradient norm at step {state.step} ({float(grad_norm)}); "
-                    "no update was applied."
-                )
-            opt.step()
-            if cfg.normalize_decoder:
-                sae.normalize_decoder_()
-
-            n_tokens = round(n_g)
-            fired = dp.sum(fired_local) > 0
-            state.tokens_since_fired += n_tokens
-            state.tokens_since_fired[fired] = 0
-            state.step += 1
-            state.tokens += n_tokens
-
-            if cfg.resample_every is not None and state.step % cfg.resample_every == 0:
-                dead_now = state.tokens_since_fired >= cfg.dead_tokens
-                if bool(dead_now.any()):
-                    residual = dp.gather_rows((x - out.x_hat).detach())
-                    _resample_dead_(sae, opt, residual, dead_now, gen)
-                    state.tokens_since_fired[dead_now] = 0
-
-            metrics = StepMetrics(
-                step=state.step,
-                tokens=state.tokens,
-                loss=fvu_g + cfg.auxk_alpha * aux_g,
-                fvu=fvu_g,
-                auxk_loss=aux_g,
-                l0=nnz_g / n_g,
-                dead_fraction=float((state.tokens_since_fired >= cfg.dead_tokens).float().mean()),
-                lr=lr,
-                grad_norm=float(grad_norm),
-            )
-            state.history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
-            bar.update(1)
-            bar.set_postfix(
-                fvu=f"{fvu_g:.4f}", l0=f"{metrics.l0:.1f}", dead=f"{metrics.dead_fraction:.3f}"
-            )
-
-            if ckpt is not None and state.step % cfg.checkpoint_every == 0:
-                if dp.is_main:
-                    _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
-                dp.barrier()
-    finally:
-        bar.close()
+                if ckpt is not None and state.step % cfg.checkpoint_every == 0:
+                    if dp.is_main:
+                        _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
+                    dp.barrier()
+        finally:
+            bar.close()
 
     if ckpt is not None:
         if dp.is_main:
