@@ -12,8 +12,7 @@ The committed result (real activations, 368,640 training tokens, with the ablati
 
     python benchmarks/sae_throughput.py --capture /tmp/sae_acts
     python benchmarks/sae_throughput.py --data /tmp/sae_acts --exclude-first 1 \
-        --steps 87 --warmup 3 --eval-tokens 73728 --held-out-rows 40960 \
-        --interp-optimizer signsgd --interp-init sparsify --interp-b-dec-init mean --ablation \
+        --steps 87 --warmup 3 --eval-tokens 73728 --held-out-rows 40960 --ablation \
         --extra-seeds 1,2
 
 Peers, all on the same batches in the same order, on the same device and threads:

@@ -24,7 +24,7 @@ SignSGD (``interp.sae.optim``) with lr 5e-3 / sqrt(d_sae / 2**14), momentum 0.95
 warm-up; or ``"adam"`` with lr 2e-4 / sqrt(d_sae / 2**14) (the 1/√d_sae scaling of Gao et
 al. 2024 as used by ``sparsify``), 1,000 warm-up steps, optional linear decay at the end,
 eps 6.25e-10 (Gao et al. 2024, Appendix A). SignSGD is the default because it reaches a
-lower held-out FVU per token: 0.302 vs 0.710 (Adam, same init) after 74k tokens and 0.209
+lower held-out FVU per token: 0.302 vs 0.710 (Adam, same init) after 74k tokens and 0.207
 vs 0.677 after 368k in ``benchmarks/sae_throughput.py``'s ablation; Adam's 1,000-step
 warm-up explains much of that on short runs (without it, sparsify's init and mean
 b_dec: 0.573 / 0.349). Schedule-free training takes
