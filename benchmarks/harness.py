@@ -9,25 +9,31 @@ tests use).
 Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (as
 ``make bench`` sets it): idle OpenMP threads then sleep instead of spinning, so a suite's
 CPU seconds count its work, not its waiting, and a busy neighbour does not slow it
-several-fold. The OpenMP runtime may read it when torch loads, so set it in the
-environment when a suite imports torch first; ``machine_info`` records the value."""
+several-fold. The OpenMP runtime reads it once, when torch loads, so a suite imports this
+module before torch (or the environment sets it); ``machine_info`` records the policy in
+effect (None: the OpenMP default, when torch was loaded first with the variable unset)."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import json
+import os
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from interp.cache import atomic_write
+# The OpenMP runtime reads the policy once, when torch loads it: if a suite imported torch
+# before this module with the variable unset, the setting below comes too late, and
+# ``machine_info`` records the OpenMP default (None) instead of the variable's new value.
+_TORCH_FIRST = "torch" in sys.modules
+_POLICY_AT_TORCH_LOAD = os.environ.get("OMP_WAIT_POLICY")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from interp.cache import atomic_write  # noqa: E402  (loads torch: after the policy is set)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,7 +84,9 @@ def machine_info() -> dict:
         "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": (
+            _POLICY_AT_TORCH_LOAD if _TORCH_FIRST else os.environ.get("OMP_WAIT_POLICY")
+        ),
         "python": platform.python_version(),
         "versions": versions,
         "loadavg_start": loadavg(),

@@ -67,10 +67,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-import harness
+import harness  # before torch: it sets OMP_WAIT_POLICY, read once when torch loads OpenMP
+import torch
 
 from interp.sae import TopKSAE, train_sae
 
