@@ -418,8 +418,107 @@ def _text(tok: Any, ids: list[int], reason: str, stop: Sequence[str]) -> str:
     return text
 
 
-def _generation_hooks(hooks: Sequence[Any], on: str) -> tuple[list[Any], dict[str, int]]:
-    """Hooks for ``model.hooks``; on ``"generated"`` each acts on decoding steps only."""
+def _tl_stepper(model: Any, n_rows: int) -> tuple[Callable[[Tensor, Tensor], Tensor], bool]:
+    """``(step, cached)``: ``step(ids, mask)`` gives the logits of a TransformerLens model over
+    the sequence so far (``[batch, pos]`` ids and attention mask, growing by one column per
+    decoding step).
+
+    A ``HookedTransformer`` runs with TransformerLens's own KV cache (``cached``): the prompt
+    in one pass, then only the newest token per step, as ``transformers`` does. After each
+    pass the cache must hold every token so far (a model whose attention ignored it would
+    decode from the newest token alone): that raises instead. A ``TransformerBridge``
+    recomputes the whole sequence at every step (not ``cached``): its attention reads a KV
+    cache under the name ``past_key_values``, which ``transformers`` 5 passes to the
+    attention modules as ``cache``, so a cache would silently stay empty.
+    """
+    tl = model.model
+    if model._bridge:
+        use_cache = {"use_cache": False} if "use_cache" in model._backend_kwargs() else {}
+
+        def recompute(ids: Tensor, mask: Tensor) -> Tensor:
+            return tl(ids, attention_mask=mask, **use_cache)
+
+        return recompute, False
+
+    try:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache
+    except ImportError:  # TransformerLens 2
+        from transformer_lens.past_key_value_caching import (
+            HookedTransformerKeyValueCache as KVCache,
+        )
+    cache = KVCache.init_cache(tl.cfg, tl.cfg.device, n_rows)
+    done = {"n": 0}
+
+    def step(ids: Tensor, mask: Tensor) -> Tensor:
+        n = done["n"]  # the cache holds the first n tokens; it appends the mask's new columns
+        logits = tl(ids[:, n:], attention_mask=mask[:, n:], past_kv_cache=cache)
+        done["n"] = ids.shape[1]
+        held = {int(entry.past_keys.shape[1]) for entry in cache.entries}
+        if held != {ids.shape[1]}:
+            raise RuntimeError(
+                f"runs.generate on {type(tl).__name__}: after {ids.shape[1]} tokens its KV "
+                f"cache holds {sorted(held)} per layer: this model's attention does not fill "
+                "the cache it is given, and decoding would ignore the earlier tokens"
+            )
+        return logits
+
+    return step, True
+
+
+def _tl_decode(
+    model: Any,
+    batch: Batch,
+    max_new_tokens: int,
+    processors: Sequence[Any],
+    criteria: Sequence[Any],
+    pad: int,
+    eos: Sequence[int],
+) -> Int[Tensor, "batch pos_new"]:
+    """Prompt + new tokens of a TransformerLens model (``batch`` left-padded, on the model's
+    device), decoded as ``transformers``' greedy search decodes on the Hugging Face path:
+    each step takes the last position's logits in float32, applies ``processors`` in order
+    (the ``_sampler`` last when sampling) and the argmax; once there are EOS ids a finished
+    row continues with ``pad``; rows finish at an EOS id or a stopping criterion, and
+    decoding ends when all have. Forward passes as ``_tl_stepper`` runs them, inside
+    ``model.generating`` (``interp.positions.decoding_step`` marks the cached steps)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    seq, mask = batch.input_ids, batch.attention_mask.long()
+    step, cached = _tl_stepper(model, seq.shape[0])
+    process, stopping = LogitsProcessorList(processors), StoppingCriteriaList(criteria)
+    eos_ids = torch.tensor(list(eos), dtype=torch.long, device=seq.device)
+    unfinished = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
+    with model.generating(batch, cached=cached):
+        for i in range(max_new_tokens):
+            if i:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = step(seq, mask)
+            if hasattr(logits, "logits"):
+                logits = logits.logits
+            scores = process(seq, logits[:, -1].to(dtype=torch.float32, copy=True))
+            token = scores.argmax(-1)
+            if eos:
+                token = torch.where(unfinished, token, torch.full_like(token, pad))
+                unfinished &= ~torch.isin(token, eos_ids)
+            seq = torch.cat([seq, token[:, None]], dim=-1)
+            if criteria:
+                unfinished &= ~stopping(seq, scores).to(unfinished.device)
+            if not bool(unfinished.any()):
+                break
+    return seq
+
+
+def _generation_hooks(
+    hooks: Sequence[Any], on: str, recompute: dict[str, int] | None = None
+) -> tuple[list[Any], dict[str, int]]:
+    """Hooks for ``model.hooks``; on ``"generated"`` each acts on decoding steps only.
+
+    ``recompute``: the model decodes without a KV cache, each pass recomputing the whole
+    sequence (left-padded prompts of ``recompute["P"]`` columns, then the generated tokens),
+    so a ``"generated"`` hook is applied to the generated positions of every pass: the same
+    edits a cached decoding step makes one position at a time.
+    """
+    from interp.hooks import HookReplacementError
     from interp.positions import decoding_step
 
     seen = {"calls": 0, "decoding": 0}
@@ -434,10 +533,30 @@ def _generation_hooks(hooks: Sequence[Any], on: str) -> tuple[list[Any], dict[st
 
         def gated(tensor: Tensor, hook: Any, fn: Callable[..., Any] = fn) -> Any:
             seen["calls"] += 1
-            if not decoding_step():
+            if recompute is None:
+                if not decoding_step():
+                    return None
+                seen["decoding"] += 1
+                return fn(tensor, hook)
+            axis, start = position_axis(hook.name), recompute["P"]
+            n = tensor.shape[axis] - start
+            if n <= 0:  # the prompt's pass
                 return None
             seen["decoding"] += 1
-            return fn(tensor, hook)
+            part = tensor.narrow(axis, start, n)  # a view: in-place edits reach the tensor
+            new = fn(part, hook)
+            if new is None or new is part:
+                return None
+            if not isinstance(new, Tensor) or new.shape != part.shape or new.dtype != part.dtype:
+                got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise HookReplacementError(
+                    f"hook {hook.name!r} (hooks_on='generated') got the generated positions "
+                    f"{tuple(part.shape)} {part.dtype} and returned {got}; return a tensor of "
+                    "the same shape and dtype (or None)"
+                )
+            edited = tensor.clone()
+            edited.narrow(axis, start, n).copy_(new)
+            return edited
 
         out.append((name, gated))
     return out, seen
@@ -466,11 +585,18 @@ def generate(
     progress: bool = True,
     **generate_kwargs: Any,
 ) -> Generations:
-    """Complete ``prompts`` in batches with the model's own ``generate``.
+    """Complete ``prompts`` in batches.
 
     Args:
         model: a ``HookedModel`` on the Hugging Face backend (``interp.load`` /
-            ``interp.tiny``).
+            ``interp.tiny``), completed by ``transformers``' ``generate``, or on a
+            TransformerLens ``HookedTransformer`` / ``TransformerBridge``, completed by
+            interp's own decoding loop with the same logits processing, sampling streams
+            and stopping (same weights: same tokens); there ``generate_kwargs`` raise
+            ``TypeError``. A ``HookedTransformer`` decodes with its KV cache, as
+            ``transformers`` does; a ``TransformerBridge`` recomputes the whole sequence at
+            each step, so its hooks see every position (``"generated"``: every generated
+            position) at every step, and interventions with positions raise.
         prompts: texts, conversations (lists of ``{"role", "content"}`` messages, encoded by
             ``interp.chat.encode`` with the generation prompt), or an interp ``Batch``.
         max_new_tokens: the most tokens generated per row.
@@ -503,19 +629,23 @@ def generate(
             block).
         progress: show a tqdm bar.
         generate_kwargs: passed to ``transformers`` ``generate`` (e.g.
-            ``repetition_penalty``).
+            ``repetition_penalty``); Hugging Face backend only (on TransformerLens pass
+            the matching logits processor, e.g. ``RepetitionPenaltyLogitsProcessor``).
 
     Returns:
         ``Generations``: texts, token ids, finish reasons and a ``Batch`` of prompt +
         completion with named positions (``score`` / ``interp.capture`` take it as is).
     """
     from interp.adapters.hf import HFHookedModel
+    from interp.adapters.tl import TLHookedModel
 
-    if not isinstance(model, HFHookedModel):
+    if not isinstance(model, HFHookedModel | TLHookedModel):
         raise TypeError(
-            f"interp.runs.generate runs Hugging Face models (interp.load / interp.tiny); got "
-            f"{type(model).__name__}"
+            "interp.runs.generate runs Hugging Face models (interp.load / interp.tiny) and "
+            "TransformerLens HookedTransformer / TransformerBridge models (interp.load(tl_model)); "
+            f"got {type(model).__name__}"
         )
+    on_tl = isinstance(model, TLHookedModel)
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -554,6 +684,13 @@ def generate(
     ):
         if key in generate_kwargs:
             raise TypeError(f"runs.generate sets {key} itself; use {use}")
+    if on_tl and generate_kwargs:
+        raise TypeError(
+            f"runs.generate on a TransformerLens model decodes with interp's own loop, so "
+            f"{sorted(generate_kwargs)} (keyword arguments of transformers' generate) cannot "
+            "apply; pass the matching logits processor in logits_processors= instead (e.g. "
+            "transformers.RepetitionPenaltyLogitsProcessor for repetition_penalty)"
+        )
 
     tok = _tokenizer(model)
     chat = _ChatOptions.of(chat_format, chat_template_kwargs)
@@ -562,7 +699,10 @@ def generate(
     eos = _eos_ids(model)
     jobs = [(p, s) for p in range(len(prompt_rows)) for s in range(n)]
     order = sorted(range(len(jobs)), key=lambda j: -len(prompt_rows[jobs[j][0]].ids))
-    wrapped, seen = _generation_hooks(hooks, hooks_on)
+    # A TransformerBridge decodes without a KV cache (_tl_stepper): "generated" hooks are
+    # applied to the generated columns of each pass, from the batch's prompt length on.
+    recompute = {"P": 0} if on_tl and model._bridge else None
+    wrapped, seen = _generation_hooks(hooks, hooks_on, recompute)
     kept: list[list[int]] = [[] for _ in jobs]
     reasons = [""] * len(jobs)
     bar = _progress(len(jobs), "generate", progress)
@@ -572,6 +712,8 @@ def generate(
             batch = _collate([prompt_rows[jobs[j][0]] for j in chunk], pad, "left")
             batch = batch.to(model.device)
             P = batch.input_ids.shape[1]
+            if recompute is not None:
+                recompute["P"] = P
             processors, criteria = [], []
             if isinstance(logits_processors, Sequence):
                 processors.extend(logits_processors)
@@ -592,17 +734,21 @@ def generate(
                 processors.append(_sampler(uniforms, P, temperature, top_p, top_k, min_p))
             if stops:
                 criteria.append(_stop_criteria(tok, stops, P))
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-            )
-            if eos:
-                kwargs["eos_token_id"] = eos
-            if processors:
-                kwargs["logits_processor"] = processors
-            if criteria:
-                kwargs["stopping_criteria"] = criteria
-            with torch.no_grad(), model.hooks(fwd=wrapped):
-                out = model.generate(batch, **kwargs, **generate_kwargs)
+            if on_tl:
+                with torch.no_grad(), model.hooks(fwd=wrapped):
+                    out = _tl_decode(model, batch, max_new_tokens, processors, criteria, pad, eos)
+            else:
+                kwargs: dict[str, Any] = dict(
+                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+                )
+                if eos:
+                    kwargs["eos_token_id"] = eos
+                if processors:
+                    kwargs["logits_processor"] = processors
+                if criteria:
+                    kwargs["stopping_criteria"] = criteria
+                with torch.no_grad(), model.hooks(fwd=wrapped):
+                    out = model.generate(batch, **kwargs, **generate_kwargs)
             new = out[:, P:].cpu().tolist()
             for j, ids in zip(chunk, new, strict=True):
                 end, reasons[j] = _cut(tok, ids, set(eos), stops)
