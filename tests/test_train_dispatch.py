@@ -13,7 +13,7 @@ import torch
 
 import interp
 from interp.families import tiny_hf
-from interp.train import SFTLoss, TrainConfig, apply_lora, train
+from interp.train import SFTLoss, TrainConfig, apply_lora, load_adapter, save_adapter, train
 from interp.train.trainer import train_trainer
 
 pytest.importorskip("accelerate")
@@ -59,8 +59,16 @@ def test_lora_on_offloaded_layers_is_refused_up_front(saved, tmp_path):
     # Refused before LoRA was attached: the model is untouched, nothing was written.
     assert not any("lora_" in n for n, _ in model.model.named_modules())
     assert not (tmp_path / "out").exists()
-    # A PeftModel whose adapters peft put on meta (attached to offloaded modules) too.
-    peft_model = apply_lora(model, TrainConfig(**CONFIG, layers=(1,)))
+    # apply_lora itself refuses (it is what train calls), before attaching anything.
+    with pytest.raises(ValueError, match=r"^LoRA would adapt .*in layers \[1\]"):
+        apply_lora(model, TrainConfig(**CONFIG, layers=(1,)))
+    assert not any("lora_" in n for n, _ in model.model.named_modules())
+    # A PeftModel attached by peft directly, whose adapters it put on meta: train refuses it.
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        model.model, LoraConfig(r=4, target_modules=["model.layers.1.self_attn.q_proj"])
+    )
     assert all(p.is_meta for n, p in peft_model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match=r"on the meta device \(.*layers\.1\..*lora_A"):
         train(peft_model, EXAMPLES, SFTLoss(), tokenizer=model.tokenizer, progress=False)
@@ -86,3 +94,12 @@ def test_lora_on_layers_in_memory_trains_as_the_whole_model(saved, tmp_path, emb
         # head and layer 1 (the B matrices start at zero).
         assert not torch.equal(p, init[name]), name
     assert result.model.base_model.model.model.layers[1].mlp.up_proj.weight.is_meta  # not moved
+
+
+def test_load_adapter_refuses_offloaded_targets(saved, tmp_path):
+    trained = train(interp.load(str(saved)), EXAMPLES, SFTLoss(), TrainConfig(**CONFIG))
+    save_adapter(trained.model, tmp_path / "all")
+    model = _dispatched(saved, tmp_path)
+    with pytest.raises(ValueError, match=r"^the adapter in .*all would adapt .*in layers \[1\]"):
+        load_adapter(model, tmp_path / "all")
+    assert not any("lora_" in n for n, _ in model.model.named_modules())

@@ -48,7 +48,7 @@ from torch import nn
 from interp.cache import atomic_write
 from interp.train.config import TrainConfig
 from interp.train.data import prepare
-from interp.train.lora import _LAYER_INDEX, _is_peft, apply_lora, lora_target_names, resolve_model
+from interp.train.lora import _is_peft, apply_lora, refuse_meta_adapters, resolve_model
 from interp.train.objectives import LossFn
 
 __all__ = ["RUN_FILE", "STATE_FILE", "TrainResult", "cosine_with_warmup", "train"]
@@ -127,50 +127,6 @@ def _diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _offloaded_lora(base: nn.Module, config: TrainConfig) -> None:
-    """Raise, before LoRA is attached, when a module it would train is offloaded by
-    ``accelerate`` (a ``device_map`` with disk offload, or CPU offload beside an
-    accelerator): such a module's weights sit on ``meta`` between forwards, ``peft`` puts
-    its adapter on ``meta`` too, and a forward through it computes with uninitialized
-    memory (garbage or NaN logits, then a device error in the backward)."""
-    if _is_peft(base):
-        names = [n for n, p in base.named_parameters() if p.requires_grad and p.is_meta]
-        if names:
-            raise ValueError(
-                f"{len(names)} trainable parameters of this PeftModel are on the meta device "
-                f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}): their modules "
-                "were offloaded by accelerate, and peft put their adapters on meta, where they "
-                "compute garbage and cannot train. Attach LoRA only to modules kept in memory "
-                "(apply_lora with TrainConfig(layers=...)), or load the model without offload"
-            )
-        return
-    modules = dict(base.named_modules())
-    everywhere = lora_target_names(base, config.target_modules, None)
-    offloaded = {
-        n for n in everywhere if any(p.is_meta for p in modules[n].parameters(recurse=False))
-    }
-    chosen = lora_target_names(base, config.target_modules, config.layers)
-    names = [n for n in chosen if n in offloaded]
-    if not names:
-        return
-    layer = {n: int(m.group(1)) for n in everywhere if (m := _LAYER_INDEX.search(n))}
-    where = sorted({layer[n] for n in names if n in layer})
-    resident = sorted({layer[n] for n in layer} - {layer[n] for n in offloaded if n in layer})
-    hint = (
-        f", or restrict LoRA to layers kept in memory: TrainConfig(layers={tuple(resident)})"
-        if resident
-        else ""
-    )
-    raise ValueError(
-        f"LoRA would adapt {len(names)} modules that accelerate offloaded"
-        f"{f' in layers {where}' if where else ''} ({', '.join(names[:3])}"
-        f"{', …' if len(names) > 3 else ''}): their weights sit on the meta device between "
-        "forwards, peft would put their adapters there too, and those would compute garbage "
-        "and never train. Load the model with these modules in memory (a device_map without "
-        "'disk', and without 'cpu' beside an accelerator)" + hint
-    )
-
-
 def _prepare_run(
     model: Any,
     examples: Sequence[Mapping[str, Any]],
@@ -182,8 +138,11 @@ def _prepare_run(
     id (the tokenizer's, default ``model.tokenizer``; 0 without one)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     base = resolve_model(model)
-    _offloaded_lora(base, config)
-    peft_model = base if _is_peft(base) else apply_lora(base, config)
+    if _is_peft(base):
+        refuse_meta_adapters(base)
+        peft_model = base
+    else:
+        peft_model = apply_lora(base, config)  # raises first if a target is offloaded
     items = prepare(examples, tokenizer)
     if not items:
         raise ValueError("no training examples")

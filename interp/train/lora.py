@@ -7,6 +7,7 @@ guessing) and the saved adapter config lists precisely what was adapted.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ __all__ = [
     "default_target_modules",
     "load_adapter",
     "lora_target_names",
+    "refuse_meta_adapters",
     "resolve_model",
     "save_adapter",
 ]
@@ -156,6 +158,57 @@ def lora_target_names(
     return names
 
 
+def refuse_meta_adapters(peft_model: nn.Module) -> None:
+    """Raise when a trainable parameter of a ``PeftModel`` is on the ``meta`` device: its
+    module was offloaded by ``accelerate`` and peft put the adapter there too, where it
+    computes with uninitialized memory and cannot train."""
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad and p.is_meta]
+    if names:
+        raise ValueError(
+            f"{len(names)} trainable parameters of this PeftModel are on the meta device "
+            f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}): their modules "
+            "were offloaded by accelerate, and peft put their adapters on meta, where they "
+            "compute garbage and cannot train. Attach LoRA only to modules kept in memory "
+            "(apply_lora with TrainConfig(layers=...)), or load the model without offload"
+        )
+
+
+def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
+    """Raise, before any adapter is attached, when one of the modules ``names`` is offloaded
+    by ``accelerate`` (a ``device_map`` with disk offload, or CPU offload beside an
+    accelerator): its weights sit on ``meta`` between forwards, ``peft`` would put the
+    adapter on ``meta`` too, and a forward through it would compute with uninitialized
+    memory (garbage or NaN logits, then a device error in the backward)."""
+    modules = dict(base.named_modules())
+
+    def offloaded(name: str) -> bool:
+        return any(p.is_meta for p in modules[name].parameters(recurse=False))
+
+    hit = [n for n in names if offloaded(n)]
+    if not hit:
+        return
+    layer_of = {n: int(m.group(1)) for n in modules if (m := _LAYER_INDEX.search(n))}
+    where = sorted({layer_of[n] for n in hit if n in layer_of})
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    resident = sorted(
+        {layer_of[n] for n in linear if n in layer_of}
+        - {layer_of[n] for n in linear if n in layer_of and offloaded(n)}
+    )
+    hint = (
+        f", or restrict LoRA to layers kept in memory: TrainConfig(layers={tuple(resident)})"
+        if resident
+        else ""
+    )
+    raise ValueError(
+        f"{what} would adapt {len(hit)} modules that accelerate offloaded"
+        f"{f' in layers {where}' if where else ''} ({', '.join(hit[:3])}"
+        f"{', …' if len(hit) > 3 else ''}): their weights sit on the meta device between "
+        "forwards, peft would put their adapters there too, and those would compute garbage "
+        "and never train. Load the model with these modules in memory (a device_map without "
+        "'disk', and without 'cpu' beside an accelerator)" + hint
+    )
+
+
 def apply_lora(model: Any, config: TrainConfig | None = None) -> nn.Module:
     """Wrap ``model`` (or ``model.model``) in a ``peft`` LoRA ``PeftModel``.
 
@@ -171,6 +224,7 @@ def apply_lora(model: Any, config: TrainConfig | None = None) -> nn.Module:
     if _is_peft(base):
         raise ValueError("model already has a PEFT adapter; train it directly or unload it first")
     names = lora_target_names(base, config.target_modules, config.layers)
+    _refuse_offloaded(base, names, "LoRA")
     conv1d = _conv1d_type()
     modules = dict(base.named_modules())
     fan_in_fan_out = conv1d is not None and any(isinstance(modules[n], conv1d) for n in names)
@@ -223,7 +277,19 @@ def load_adapter(
     base = resolve_model(model)
     if _is_peft(base):
         raise ValueError("model already has a PEFT adapter; load onto the base model")
-    if not (Path(directory) / "adapter_config.json").is_file():
+    config_file = Path(directory) / "adapter_config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
+    targets = json.loads(config_file.read_text()).get("target_modules") or []
+    if isinstance(targets, str):  # a regex: check every Linear it matches, as peft will
+        pattern = re.compile(targets)
+        names = [n for n, _ in base.named_modules() if pattern.fullmatch(n)]
+    else:  # peft's rule for a list: the full name, or its last dotted components
+        names = [
+            n
+            for n, _ in base.named_modules()
+            if any(n == t or n.endswith("." + t) for t in targets)
+        ]
+    _refuse_offloaded(base, names, f"the adapter in {directory}")
     with _quiet_peft():
         return PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
