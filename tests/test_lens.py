@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from tl_helpers import hooked_gpt2
 
 import interp
 from interp import lens
@@ -360,26 +361,9 @@ def test_hf_gpt2_agrees_with_a_hooked_transformer_on_the_same_weights():
     module = pytest.importorskip(
         "transformer_lens.HookedTransformer", reason="TransformerLens 4 removed HookedTransformer"
     )
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
     hf, tok = tiny_hf("gpt2")
     _perturb_norms(hf)
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer,
-        d_model=c.n_embd,
-        n_ctx=c.n_positions,
-        d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head,
-        d_mlp=c.n_inner,
-        d_vocab=c.vocab_size,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        eps=c.layer_norm_epsilon,
-    )
-    ht = module.HookedTransformer(cfg)
-    ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)  # b_U stays zero
+    ht = hooked_gpt2(hf, module.HookedTransformer)
     logits, cache = ht.run_with_cache(IDS)
     ours = interp.load(hf, tokenizer=tok)
     assert (ours(IDS) - logits).abs().max().item() <= 1e-5

@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from tl_helpers import hooked_gpt2
 from transformers import RepetitionPenaltyLogitsProcessor
 
 import interp
@@ -43,26 +44,8 @@ def hooked_transformer():
     module = pytest.importorskip(
         "transformer_lens.HookedTransformer", reason="TransformerLens 4 removed HookedTransformer"
     )
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
     hf, tok = tiny_hf("gpt2")
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer,
-        d_model=c.n_embd,
-        n_ctx=c.n_positions,
-        d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head,
-        d_mlp=c.n_inner,
-        d_vocab=c.vocab_size,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        eps=c.layer_norm_epsilon,
-        device="cpu",
-    )
-    ht = module.HookedTransformer(cfg)
-    ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)  # b_U stays zero
+    ht = hooked_gpt2(hf, module.HookedTransformer, device="cpu")
     return interp.load(hf, tokenizer=tok), interp.load(ht, tokenizer=tok)
 
 
