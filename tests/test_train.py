@@ -315,6 +315,30 @@ def test_forked_rngs_restore_what_the_trainer_seeds():
     assert before[:2] == after[:2] and torch.equal(before[2], after[2])
 
 
+def test_train_keeps_the_callers_accelerate_state():
+    # transformers' TrainingArguments reset accelerate's process-wide state; a caller's own
+    # Accelerator (here with bf16 mixed precision) must find its state unchanged afterwards,
+    # and a caller without one must not inherit the Trainer's.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    model, tok = tiny_hf("llama", seed=0)
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=2, dropout=0.0)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        Accelerator(cpu=True, mixed_precision="bf16")
+        before = dict(AcceleratorState._shared_state), dict(PartialState._shared_state)
+        assert AcceleratorState().mixed_precision == "bf16"
+        train(model, PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
+        assert AcceleratorState().mixed_precision == "bf16"
+        assert (dict(AcceleratorState._shared_state), dict(PartialState._shared_state)) == before
+        AcceleratorState._reset_state(reset_partial_state=True)
+        train(tiny_hf("llama", seed=0)[0], PAIRS, SFTLoss(), cfg, tokenizer=tok, progress=False)
+        assert not AcceleratorState._shared_state and not PartialState._shared_state
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_data_order_and_rng_draws_are_the_hand_written_loops():
     """Epoch e visits randperm(n) from Generator(seed + e); the global RNG, seeded with the
     seed, feeds the model alone (the data loader must not draw from it at each epoch)."""

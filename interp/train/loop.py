@@ -166,6 +166,30 @@ def _forked_rngs() -> Iterator[None]:
         np.random.set_state(npy)
 
 
+@contextlib.contextmanager
+def _kept_accelerate_state() -> Iterator[None]:
+    """Run the block with the caller's ``accelerate`` state put back afterwards.
+
+    ``transformers``' ``TrainingArguments`` reset accelerate's process-wide state (the
+    ``PartialState`` / ``AcceleratorState`` / ``GradientState`` singletons) and the Trainer
+    builds its own ``Accelerator``: a caller's ``Accelerator`` (mixed precision, CPU
+    placement) would otherwise find it replaced by the Trainer's, and a caller without one
+    would inherit it. The current CUDA device is restored too."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    states = (PartialState, AcceleratorState, GradientState)
+    saved = [dict(cls._shared_state) for cls in states]
+    cuda = torch.cuda.current_device() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        for cls, shared in zip(states, saved, strict=True):
+            cls._shared_state.clear()
+            cls._shared_state.update(shared)
+        if cuda is not None:
+            torch.cuda.set_device(cuda)
+
+
 def _resume_point(
     directory: Path, fingerprint: dict[str, Any]
 ) -> tuple[Path, dict[str, Any]] | None:
@@ -297,7 +321,7 @@ def train(
     evals = [(int(s), {k: float(v) for k, v in m.items()}) for s, m in state.get("evals", [])]
     resumed_from = int(state.get("step", 0))
 
-    with _forked_rngs(), contextlib.ExitStack() as stack:
+    with _forked_rngs(), _kept_accelerate_state(), contextlib.ExitStack() as stack:
         out = ckpt_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="train-")))
         kwargs = engine._argument_kwargs(config, out, len(items), {})
         kwargs.pop("activation_checkpointing", None)  # interp.checkpointing instead
