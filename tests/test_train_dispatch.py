@@ -1,9 +1,11 @@
 """LoRA training of a model dispatched by accelerate (``device_map`` with disk offload).
 
 peft puts the adapter of an offloaded module on ``meta`` (where its base weights sit between
-forwards), and a forward through it computes with uninitialized memory: ``train`` refuses
-such a run up front. LoRA on the layers kept in memory trains, through the offloaded ones,
-to the weights of the model loaded whole.
+forwards), where a forward through it computes with uninitialized memory: ``apply_lora`` puts
+those adapters in memory on the module's execution device, with the initial values of the
+model loaded whole, and LoRA on every layer (offloaded or not) trains to the weights of the
+model loaded whole. ``train`` refuses a ``PeftModel`` whose adapters peft left on ``meta``, and
+``load_adapter`` refuses offloaded targets.
 """
 
 from __future__ import annotations
@@ -47,25 +49,62 @@ def _lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def test_lora_on_offloaded_layers_is_refused_up_front(saved, tmp_path):
-    model = _dispatched(saved, tmp_path)
-    hint = r"in layers \[1\] \(model\.layers\.1\.self_attn\.q_proj.*TrainConfig\(layers=\(0, 2\)\)"
-    for layers in (None, (1,), (0, -2)):
-        cfg = TrainConfig(**CONFIG, layers=layers)
-        with pytest.raises(ValueError, match=hint):
-            train(model, EXAMPLES, SFTLoss(), cfg, progress=False)
-    with pytest.raises(ValueError, match=hint):
-        train_trainer(model, EXAMPLES, SFTLoss(), output_dir=tmp_path / "out", progress=False)
-    # Refused before LoRA was attached: the model is untouched, nothing was written.
+@pytest.mark.parametrize("embed", ["cpu", "disk"])
+def test_lora_on_offloaded_layers_trains_as_the_whole_model(saved, tmp_path, embed):
+    cfg = TrainConfig(**CONFIG)  # LoRA on every layer, the offloaded layer 1 included
+    init = _lora(apply_lora(interp.load(str(saved)), cfg))
+    whole = train(interp.load(str(saved)), EXAMPLES, SFTLoss(), cfg, progress=False)
+    # apply_lora puts the adapters of offloaded modules in memory, with the seeded initial
+    # values of the model loaded whole (peft alone leaves them on meta: see below).
+    attached = _lora(apply_lora(_dispatched(saved, tmp_path / "a", embed), cfg))
+    assert attached.keys() == init.keys()
+    assert {n.split(".layers.")[1][0] for n in attached} == {"0", "1", "2"}
+    for name, p in attached.items():
+        assert p.device.type == "cpu", name  # the execution device of layer 1's hooks
+        torch.testing.assert_close(p, init[name], atol=0, rtol=0)
+    model = _dispatched(saved, tmp_path / "b", embed)
+    result = train(model, EXAMPLES, SFTLoss(), cfg, progress=False)
+    assert result.steps == whole.steps == 4
+    torch.testing.assert_close(result.losses, whole.losses, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.grad_norms, whole.grad_norms, atol=1e-5, rtol=1e-5)
+    got, want = _lora(result.model), _lora(whole.model)
+    assert got.keys() == want.keys() == init.keys()
+    for name, p in got.items():
+        assert p.device.type == "cpu", name
+        torch.testing.assert_close(p, want[name], atol=1e-5, rtol=0)
+        assert not torch.equal(p, init[name]), name  # every adapter trained
+    # The base weights stay offloaded: on meta between forwards, frozen.
+    peft_model = result.model.base_model.model
+    for module in (peft_model.model.layers[1].mlp.up_proj, peft_model.model.layers[1].self_attn):
+        weights = [p for n, p in module.named_parameters() if "lora_" not in n]
+        assert weights and all(p.is_meta and not p.requires_grad for p in weights)
+    assert peft_model.lm_head.weight.is_meta
+    if embed == "disk":  # train_trainer attaches LoRA through apply_lora too
+        model = _dispatched(saved, tmp_path / "c", embed)
+        out = train_trainer(
+            model, EXAMPLES, SFTLoss(), cfg, output_dir=tmp_path / "out", progress=False
+        )
+        assert out.losses == pytest.approx(whole.losses, rel=1e-5)
+        for name, p in _lora(out.model).items():
+            torch.testing.assert_close(p, want[name], atol=1e-5, rtol=0)
+
+
+def test_offloaded_lora_without_execution_device_and_meta_peft_adapters_are_refused(
+    saved, tmp_path
+):
+    # A weight on meta without an accelerate hook naming its execution device: refused
+    # before anything is attached.
+    model = interp.load(str(saved))
+    q = model.model.model.layers[1].self_attn.q_proj
+    q.weight = torch.nn.Parameter(q.weight.to("meta"))
+    with pytest.raises(ValueError, match=r"without an accelerate hook .*layers\.1\.self_attn"):
+        apply_lora(model, TrainConfig(**CONFIG))
     assert not any("lora_" in n for n, _ in model.model.named_modules())
-    assert not (tmp_path / "out").exists()
-    # apply_lora itself refuses (it is what train calls), before attaching anything.
-    with pytest.raises(ValueError, match=r"^LoRA would adapt .*in layers \[1\]"):
-        apply_lora(model, TrainConfig(**CONFIG, layers=(1,)))
-    assert not any("lora_" in n for n, _ in model.model.named_modules())
+    assert q.weight.is_meta
     # A PeftModel attached by peft directly, whose adapters it put on meta: train refuses it.
     from peft import LoraConfig, get_peft_model
 
+    model = _dispatched(saved, tmp_path)
     peft_model = get_peft_model(
         model.model, LoraConfig(r=4, target_modules=["model.layers.1.self_attn.q_proj"])
     )

@@ -142,7 +142,7 @@ def _prepare_run(
         refuse_meta_adapters(base)
         peft_model = base
     else:
-        peft_model = apply_lora(base, config)  # raises first if a target is offloaded
+        peft_model = apply_lora(base, config)
     items = prepare(examples, tokenizer)
     if not items:
         raise ValueError("no training examples")
@@ -280,8 +280,8 @@ def train(
             is: on the CPU, on the one accelerator the Trainer uses (``cuda:0``), or
             dispatched by ``accelerate`` (``hf_device_map``); a model on another single
             device (``cuda:1``) raises instead of being moved. LoRA on a module that
-            ``accelerate`` offloaded (disk, or CPU beside an accelerator) raises
-            ``ValueError`` up front: restrict ``config.layers`` to layers kept in memory.
+            ``accelerate`` offloaded (disk, or CPU beside an accelerator) gets its adapter
+            in memory on the module's execution device (see ``apply_lora``).
         examples: dicts, text or token level (see ``interp.train.data``).
         loss_fn: ``(logits [batch, pos, vocab], Batch) -> scalar``; the ``Batch`` (from
             ``collate``) carries the examples' masks in ``batch.masks``.

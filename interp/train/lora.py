@@ -168,9 +168,13 @@ def refuse_meta_adapters(peft_model: nn.Module) -> None:
             f"{len(names)} trainable parameters of this PeftModel are on the meta device "
             f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}): their modules "
             "were offloaded by accelerate, and peft put their adapters on meta, where they "
-            "compute garbage and cannot train. Attach LoRA only to modules kept in memory "
-            "(apply_lora with TrainConfig(layers=...)), or load the model without offload"
+            "compute garbage and cannot train. Attach LoRA with apply_lora (or let train "
+            "attach it), which puts the adapters of offloaded modules in memory"
         )
+
+
+def _offloaded(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters(recurse=False))
 
 
 def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
@@ -180,11 +184,7 @@ def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
     adapter on ``meta`` too, and a forward through it would compute with uninitialized
     memory (garbage or NaN logits, then a device error in the backward)."""
     modules = dict(base.named_modules())
-
-    def offloaded(name: str) -> bool:
-        return any(p.is_meta for p in modules[name].parameters(recurse=False))
-
-    hit = [n for n in names if offloaded(n)]
+    hit = [n for n in names if _offloaded(modules[n])]
     if not hit:
         return
     layer_of = {n: int(m.group(1)) for n in modules if (m := _LAYER_INDEX.search(n))}
@@ -192,7 +192,7 @@ def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
     linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     resident = sorted(
         {layer_of[n] for n in linear if n in layer_of}
-        - {layer_of[n] for n in linear if n in layer_of and offloaded(n)}
+        - {layer_of[n] for n in linear if n in layer_of and _offloaded(modules[n])}
     )
     hint = (
         f", or restrict LoRA to layers kept in memory: TrainConfig(layers={tuple(resident)})"
@@ -205,8 +205,66 @@ def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
         f"{', …' if len(hit) > 3 else ''}): their weights sit on the meta device between "
         "forwards, peft would put their adapters there too, and those would compute garbage "
         "and never train. Load the model with these modules in memory (a device_map without "
-        "'disk', and without 'cpu' beside an accelerator)" + hint
+        "'disk', and without 'cpu' beside an accelerator), or train a fresh LoRA on them with "
+        "apply_lora/train (which put the adapters of offloaded modules in memory)" + hint
     )
+
+
+def _execution_device(base: nn.Module, name: str) -> torch.device | None:
+    """The device ``accelerate`` runs module ``name`` on: the ``execution_device`` of the
+    ``AlignDevicesHook`` on it or, failing that, on its nearest parent (``None`` if none)."""
+    modules = dict(base.named_modules())
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        hook = getattr(modules.get(".".join(parts[:i])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)  # an int: that index of the accelerator
+    return None
+
+
+@contextmanager
+def _offloaded_weights_on_execution_device(base: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """While ``peft`` attaches adapters, give each offloaded target (weight on ``meta``) a
+    one-element stand-in weight, broadcast to the weight's shape and dtype, on the module's
+    execution device, so that ``peft`` places the adapter there, with the values its seeded
+    init drew (on the CPU, as for any module) instead of moving them to ``meta``. The
+    offloaded weight (still on ``meta``) is put back afterwards with the ``requires_grad``
+    ``peft`` gave the stand-in. Raises before anything is attached when a target's
+    execution device cannot be determined (offloaded, but no ``accelerate`` hook)."""
+    modules = dict(base.named_modules())
+    offloaded = [n for n in names if _offloaded(modules[n])]
+    devices = {n: _execution_device(base, n) for n in offloaded}
+    unknown = [n for n, d in devices.items() if d is None or d.type == "meta"]
+    if unknown:
+        raise ValueError(
+            f"LoRA would adapt {len(unknown)} modules whose weights are on the meta device "
+            f"without an accelerate hook naming their execution device "
+            f"({', '.join(unknown[:3])}{', …' if len(unknown) > 3 else ''}): their adapters "
+            "could not be put in memory. Load the model with a device_map (accelerate "
+            "dispatch), or with these modules in memory"
+        )
+    swapped: list[tuple[nn.Module, nn.Parameter, nn.Parameter]] = []
+    try:
+        for n in offloaded:
+            module, weight = modules[n], modules[n]._parameters.get("weight")
+            if weight is None or not weight.is_meta:
+                raise ValueError(
+                    f"cannot attach LoRA to offloaded module {n}: its parameters on the meta "
+                    "device are not its `weight`, which peft reads the adapter's device from"
+                )
+            stand_in = nn.Parameter(
+                torch.empty(1, dtype=weight.dtype, device=devices[n]).expand(weight.shape),
+                requires_grad=weight.requires_grad,
+            )
+            module._parameters["weight"] = stand_in
+            swapped.append((module, weight, stand_in))
+        yield
+    finally:
+        for module, weight, stand_in in swapped:
+            module._parameters["weight"] = weight
+            weight.requires_grad_(stand_in.requires_grad)
 
 
 def apply_lora(model: Any, config: TrainConfig | None = None) -> nn.Module:
@@ -216,6 +274,12 @@ def apply_lora(model: Any, config: TrainConfig | None = None) -> nn.Module:
     holding the base model (e.g. ``interp.tiny``'s ``HookedModel``) runs the
     adapted model too. Initialization is seeded by ``config.seed`` without
     touching the caller's global RNG.
+
+    A target module that ``accelerate`` offloaded (disk, or CPU beside an accelerator:
+    its weights on ``meta`` between forwards) gets its adapter in memory on the module's
+    execution device (its ``AlignDevicesHook``'s), with the values the model loaded whole
+    would get under the same seed; its base weights stay offloaded. Such a module without
+    an ``accelerate`` hook raises ``ValueError`` before anything is attached.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -224,7 +288,6 @@ def apply_lora(model: Any, config: TrainConfig | None = None) -> nn.Module:
     if _is_peft(base):
         raise ValueError("model already has a PEFT adapter; train it directly or unload it first")
     names = lora_target_names(base, config.target_modules, config.layers)
-    _refuse_offloaded(base, names, "LoRA")
     conv1d = _conv1d_type()
     modules = dict(base.named_modules())
     fan_in_fan_out = conv1d is not None and any(isinstance(modules[n], conv1d) for n in names)
@@ -238,9 +301,14 @@ def apply_lora(model: Any, config: TrainConfig | None = None) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     was_training = base.training
-    with torch.random.fork_rng(devices=[]), _quiet_peft():
+    with (
+        _offloaded_weights_on_execution_device(base, names),
+        torch.random.fork_rng(devices=[]),
+        _quiet_peft(),
+    ):
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(base, lora)
+    refuse_meta_adapters(peft_model)  # every adapter got memory above; never train garbage
     # A fresh wrapper module defaults to train mode; keep the base model's mode.
     return peft_model.train(was_training)
 
