@@ -421,10 +421,11 @@ def train_sae(
         raise TypeError("TopKSAE parameters must be float32 for training (inputs are cast in)")
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae, cfg.optimizer)
     opt: torch.optim.Optimizer
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    else:
+    schedule_free = cfg.optimizer == "signsgd"
+    if schedule_free:
         opt = ScheduleFreeSignSGD(params, lr=base_lr, momentum=cfg.momentum)
+    else:
+        opt = torch.optim.Adam(params, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME if cfg.checkpoint_dir is not None else None
 
@@ -436,128 +437,125 @@ def train_sae(
     # Skip the batches a resumed run already consumed; never pull one past max_steps.
     stream = itertools.islice(iter(batches), state.step, cfg.max_steps)
 
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=state.step,
-        disable=not (cfg.progress and dp.is_main),
-        desc="TopKSAE",
-        unit="step",
-    )
-    with reuse_encoder_buffer():  # one pre-activation buffer for every step
-        try:
-            for batch in stream:
-                x = batch.to(device=device, dtype=torch.float32).reshape(-1, sae.d_in)
+    with (
+        reuse_encoder_buffer(),  # one pre-activation buffer for every step
+        tqdm(
+            total=cfg.max_steps,
+            initial=state.step,
+            disable=not (cfg.progress and dp.is_main),
+            desc="TopKSAE",
+            unit="step",
+        ) as bar,
+    ):
+        for batch in stream:
+            x = batch.to(device=device, dtype=torch.float32).reshape(-1, sae.d_in)
 
-                if state.step == 0 and cfg.init_b_dec:
-                    sae.init_b_dec(dp.gather_rows(x), method=cfg.b_dec_init)
+            if state.step == 0 and cfg.init_b_dec:
+                sae.init_b_dec(dp.gather_rows(x), method=cfg.b_dec_init)
 
-                lr = _lr_at(state.step, base_lr, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+            lr = _lr_at(state.step, base_lr, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
 
-                if cfg.normalize_decoder and isinstance(opt, ScheduleFreeSignSGD):
-                    sae.normalize_decoder_()
-                dead = state.tokens_since_fired >= cfg.dead_tokens
-                use_aux = cfg.auxk_alpha > 0 and bool(dead.any())
-                out = sae(
-                    x,
-                    dead_mask=dead if use_aux else None,
-                    k_aux=cfg.k_aux,
-                    all_reduce=dp.all_reduce,
-                )
-                loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+            if cfg.normalize_decoder and schedule_free:
+                sae.normalize_decoder_()
+            dead = state.tokens_since_fired >= cfg.dead_tokens
+            use_aux = cfg.auxk_alpha > 0 and bool(dead.any())
+            out = sae(
+                x,
+                dead_mask=dead if use_aux else None,
+                k_aux=cfg.k_aux,
+                all_reduce=dp.all_reduce,
+            )
+            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
 
-                fired_local = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-                values = out.latents.values
-                fired_local[out.latents.indices[values > 0]] = 1
-                stats = torch.stack(
-                    [
-                        out.fvu.detach(),
-                        out.auxk_loss.detach(),
-                        (values > 0).sum().to(x.dtype),
-                        x.new_tensor(float(x.shape[0])),
-                    ]
-                )
-                fvu_g, aux_g, nnz_g, n_g = dp.sum(stats).tolist()
-                if not (math.isfinite(fvu_g) and math.isfinite(aux_g)):
-                    bad_input = not bool(torch.isfinite(batch).all())
-                    raise FloatingPointError(
-                        f"non-finite loss at step {state.step}: fvu={fvu_g}, auxk_loss={aux_g}"
-                        + (" — the input batch contains NaN/inf" if bad_input else "")
-                        + ". No update was applied; lower the learning rate or check the "
-                        "activations, then resume from the last checkpoint."
-                    )
-
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                dp.sum_grads_(params)
-                if cfg.normalize_decoder:
-                    sae.project_decoder_grad_()
-                if isinstance(opt, ScheduleFreeSignSGD):
-                    # Its step is the gradient's sign, which rescaling leaves as it is: clipping
-                    # would only cost a pass over every gradient. The norm is still reported.
-                    grads = [p.grad for p in params if p.grad is not None]
-                    grad_norm = torch.nn.utils.get_total_norm(grads)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                    )
-                if not bool(torch.isfinite(grad_norm)):
-                    raise FloatingPointError(
-                        f"non-finite gradient norm at step {state.step} ({float(grad_norm)}); "
-                        "no update was applied."
-                    )
-                opt.step()
-                if cfg.normalize_decoder and not isinstance(opt, ScheduleFreeSignSGD):
-                    sae.normalize_decoder_()
-
-                n_tokens = round(n_g)
-                fired = dp.sum(fired_local) > 0
-                state.tokens_since_fired += n_tokens
-                state.tokens_since_fired[fired] = 0
-                state.step += 1
-                state.tokens += n_tokens
-
-                if cfg.resample_every is not None and state.step % cfg.resample_every == 0:
-                    dead_now = state.tokens_since_fired >= cfg.dead_tokens
-                    if bool(dead_now.any()):
-                        residual = dp.gather_rows((x - out.x_hat).detach())
-                        _resample_dead_(sae, opt, residual, dead_now, gen)
-                        state.tokens_since_fired[dead_now] = 0
-
-                metrics = StepMetrics(
-                    step=state.step,
-                    tokens=state.tokens,
-                    loss=fvu_g + cfg.auxk_alpha * aux_g,
-                    fvu=fvu_g,
-                    auxk_loss=aux_g,
-                    l0=nnz_g / n_g,
-                    dead_fraction=float(
-                        (state.tokens_since_fired >= cfg.dead_tokens).float().mean()
-                    ),
-                    lr=lr,
-                    grad_norm=float(grad_norm),
-                )
-                state.history.append(metrics)
-                if on_step is not None:
-                    on_step(metrics)
-                bar.update(1)
-                bar.set_postfix(
-                    fvu=f"{fvu_g:.4f}", l0=f"{metrics.l0:.1f}", dead=f"{metrics.dead_fraction:.3f}"
+            fired_local = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+            values = out.latents.values
+            fired_local[out.latents.indices[values > 0]] = 1
+            stats = torch.stack(
+                [
+                    out.fvu.detach(),
+                    out.auxk_loss.detach(),
+                    (values > 0).sum().to(x.dtype),
+                    x.new_tensor(float(x.shape[0])),
+                ]
+            )
+            fvu_g, aux_g, nnz_g, n_g = dp.sum(stats).tolist()
+            if not (math.isfinite(fvu_g) and math.isfinite(aux_g)):
+                bad_input = not bool(torch.isfinite(batch).all())
+                raise FloatingPointError(
+                    f"non-finite loss at step {state.step}: fvu={fvu_g}, auxk_loss={aux_g}"
+                    + (" — the input batch contains NaN/inf" if bad_input else "")
+                    + ". No update was applied; lower the learning rate or check the "
+                    "activations, then resume from the last checkpoint."
                 )
 
-                if ckpt is not None and state.step % cfg.checkpoint_every == 0:
-                    if dp.is_main:
-                        _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
-                    dp.barrier()
-        finally:
-            bar.close()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dp.sum_grads_(params)
+            if cfg.normalize_decoder:
+                sae.project_decoder_grad_()
+            if schedule_free:
+                # Its step is the gradient's sign, which rescaling leaves as it is: clipping
+                # would only cost a pass over every gradient. The norm is still reported.
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                )
+            if not bool(torch.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"non-finite gradient norm at step {state.step} ({float(grad_norm)}); "
+                    "no update was applied."
+                )
+            opt.step()
+            if cfg.normalize_decoder and not schedule_free:
+                sae.normalize_decoder_()
+
+            n_tokens = round(n_g)
+            fired = dp.sum(fired_local) > 0
+            state.tokens_since_fired += n_tokens
+            state.tokens_since_fired[fired] = 0
+            state.step += 1
+            state.tokens += n_tokens
+
+            if cfg.resample_every is not None and state.step % cfg.resample_every == 0:
+                dead_now = state.tokens_since_fired >= cfg.dead_tokens
+                if bool(dead_now.any()):
+                    residual = dp.gather_rows((x - out.x_hat).detach())
+                    _resample_dead_(sae, opt, residual, dead_now, gen)
+                    state.tokens_since_fired[dead_now] = 0
+
+            metrics = StepMetrics(
+                step=state.step,
+                tokens=state.tokens,
+                loss=fvu_g + cfg.auxk_alpha * aux_g,
+                fvu=fvu_g,
+                auxk_loss=aux_g,
+                l0=nnz_g / n_g,
+                dead_fraction=float((state.tokens_since_fired >= cfg.dead_tokens).float().mean()),
+                lr=lr,
+                grad_norm=float(grad_norm),
+            )
+            state.history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+            bar.update(1)
+            bar.set_postfix(
+                fvu=f"{fvu_g:.4f}", l0=f"{metrics.l0:.1f}", dead=f"{metrics.dead_fraction:.3f}"
+            )
+
+            if ckpt is not None and state.step % cfg.checkpoint_every == 0:
+                if dp.is_main:
+                    _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
+                dp.barrier()
 
     if ckpt is not None:
         if dp.is_main:
             _save_checkpoint(ckpt, sae, opt, state, gen, cfg)
         dp.barrier()
-    if isinstance(opt, ScheduleFreeSignSGD):
+    if schedule_free:
         opt.eval()  # the SAE to evaluate and export is the average x, not the iterate y
     return SAETrainResult(sae, state.history, state.step, state.tokens)
 
