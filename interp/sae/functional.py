@@ -160,8 +160,8 @@ _BLOCK_ELEMENTS = 2**20
 
 def _blocks(*tensors: Tensor, rows: bool = False) -> Iterator[tuple[Tensor, ...]]:
     """Matching blocks of same-shaped tensors that share one dense layout (row-major, or
-    the transpose of a row-major matrix as ``TopKSAE.W_enc``): views into ~1 MiB runs of
-    memory. ``rows=True`` keeps whole rows of row-major matrices together (for per-row
+    the transpose of a row-major matrix as ``TopKSAE.W_enc``): views into runs of
+    ``_BLOCK_ELEMENTS`` elements of memory. ``rows=True`` keeps whole rows of row-major matrices together (for per-row
     operations); otherwise the blocks are flat runs (for elementwise ones). Tensors that
     do not share such a layout come back whole, as one block."""
     first = tensors[0]

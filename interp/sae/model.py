@@ -11,8 +11,9 @@ encoder rows drawn like ``nn.Linear``'s weight (uniform in ±1/√d_in, so each 
 al. (2024, Appendix A.1): random unit-norm Gaussian decoder rows, encoder = decoder
 transpose ("tied init"). The default is what trains to the lower held-out FVU per token
 (``benchmarks/sae_throughput.py``'s ablation: 0.302 vs 0.333 after 74k tokens of the
-embedded model's layer-15 residuals with schedule-free SignSGD, 0.710 vs 0.750 with Adam). Both set b_enc = 0; b_dec is set by the trainer on its first
-batch (``init_b_dec``: the geometric median, or the mean as sparsify does).
+embedded model's layer-15 residuals with schedule-free SignSGD, 0.710 vs 0.750 with
+Adam). Both set b_enc = 0; b_dec is set by the trainer on its first batch
+(``init_b_dec``: the geometric median, or the mean as sparsify does).
 
 Saving writes SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``,
 architecture ``"topk"``), so ``sae_lens.SAE.load_from_disk`` reads our directories;
@@ -247,7 +248,8 @@ class TopKSAE(SAEModule):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale every decoder row to unit norm (done after each optimizer step)."""
+        """Rescale every decoder row to unit norm (``train_sae``: before each forward with
+        SignSGD, after each optimizer step with Adam)."""
         tiny = torch.finfo(self.W_dec.dtype).tiny
         for (rows,) in _blocks(self.W_dec, rows=True):
             rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(tiny))

@@ -210,10 +210,10 @@ def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
     )
 
 
-def _execution_device(base: nn.Module, name: str) -> torch.device | None:
-    """The device ``accelerate`` runs module ``name`` on: the ``execution_device`` of the
-    ``AlignDevicesHook`` on it or, failing that, on its nearest parent (``None`` if none)."""
-    modules = dict(base.named_modules())
+def _execution_device(modules: dict[str, nn.Module], name: str) -> torch.device | None:
+    """The device ``accelerate`` runs module ``name`` on (``modules``: the model's
+    ``named_modules``): the ``execution_device`` of the ``AlignDevicesHook`` on it or,
+    failing that, on its nearest parent (``None`` if none)."""
     parts = name.split(".")
     for i in range(len(parts), -1, -1):
         hook = getattr(modules.get(".".join(parts[:i])), "_hf_hook", None)
@@ -235,7 +235,7 @@ def _offloaded_weights_on_execution_device(base: nn.Module, names: Sequence[str]
     execution device cannot be determined (offloaded, but no ``accelerate`` hook)."""
     modules = dict(base.named_modules())
     offloaded = [n for n in names if _offloaded(modules[n])]
-    devices = {n: _execution_device(base, n) for n in offloaded}
+    devices = {n: _execution_device(modules, n) for n in offloaded}
     unknown = [n for n, d in devices.items() if d is None or d.type == "meta"]
     if unknown:
         raise ValueError(
