@@ -178,8 +178,8 @@ def _offloaded(module: nn.Module) -> bool:
 
 
 def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
-    """Raise, before any adapter is attached, when one of the modules ``names`` is offloaded
-    by ``accelerate`` (a ``device_map`` with disk offload, or CPU offload beside an
+    """Raise, before an adapter is loaded, when one of the modules ``names`` is offloaded by
+    ``accelerate`` (a ``device_map`` with disk offload, or CPU offload beside an
     accelerator): its weights sit on ``meta`` between forwards, ``peft`` would put the
     adapter on ``meta`` too, and a forward through it would compute with uninitialized
     memory (garbage or NaN logits, then a device error in the backward)."""
@@ -187,18 +187,8 @@ def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
     hit = [n for n in names if _offloaded(modules[n])]
     if not hit:
         return
-    layer_of = {n: int(m.group(1)) for n in modules if (m := _LAYER_INDEX.search(n))}
-    where = sorted({layer_of[n] for n in hit if n in layer_of})
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    resident = sorted(
-        {layer_of[n] for n in linear if n in layer_of}
-        - {layer_of[n] for n in linear if n in layer_of and _offloaded(modules[n])}
-    )
-    hint = (
-        f", or restrict LoRA to layers kept in memory: TrainConfig(layers={tuple(resident)})"
-        if resident
-        else ""
-    )
+    layer_of = {n: int(m.group(1)) for n in hit if (m := _LAYER_INDEX.search(n))}
+    where = sorted(set(layer_of.values()))
     raise ValueError(
         f"{what} would adapt {len(hit)} modules that accelerate offloaded"
         f"{f' in layers {where}' if where else ''} ({', '.join(hit[:3])}"
@@ -206,7 +196,7 @@ def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
         "forwards, peft would put their adapters there too, and those would compute garbage "
         "and never train. Load the model with these modules in memory (a device_map without "
         "'disk', and without 'cpu' beside an accelerator), or train a fresh LoRA on them with "
-        "apply_lora/train (which put the adapters of offloaded modules in memory)" + hint
+        "apply_lora/train (which put the adapters of offloaded modules in memory)"
     )
 
 
