@@ -72,6 +72,7 @@ import harness  # before torch: it sets OMP_WAIT_POLICY, read once when torch lo
 import torch
 
 from interp.sae import TopKSAE, train_sae
+from interp.sae import functional as SF
 
 # Issue 16 item 5: at least 2× sparsify's tokens/s, and held-out FVU ≤ sparsify's best.
 TARGET_SPEEDUP = 2.0
@@ -551,6 +552,13 @@ def main(argv: list[str] | None = None) -> None:
         "--interp-lr", type=float, default=None, help="default: default_lr(d_sae, optimizer)"
     )
     parser.add_argument("--interp-warmup", type=int, default=None, help="default: the optimizer's")
+    parser.add_argument(
+        "--interp-encoder",
+        default="auto",
+        choices=["auto", "bf16-screen", "fp32"],
+        help="interp's TopK selection: the bf16 screen where the CPU has bf16 arithmetic "
+        "(auto), always, or the plain fp32 GEMM",
+    )
     parser.add_argument("--no-sparsify", action="store_true")
     parser.add_argument("--no-saelens", action="store_true")
     parser.add_argument(
@@ -582,6 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    SF._BF16_SCREEN = {"auto": None, "bf16-screen": True, "fp32": False}[args.interp_encoder]
 
     machine = harness.machine_info()
     n_total = args.warmup + args.steps
@@ -614,8 +623,14 @@ def main(argv: list[str] | None = None) -> None:
     fvus: dict[str, dict[int, float]] = {n: {} for n in names}
     kw = interp_kwargs(args)
     init = kw.pop("init")
+    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.redone = 0
     extra = run_interp(args, batches, held, eval_steps, peers, times, fvus, init=init, **kw)
     machine_timed_end = harness.loadavg()
+    screen = {
+        "used": SF._SCREEN_STATS.rows > 0,
+        "rows": SF._SCREEN_STATS.rows,  # training and held-out encodings of the timed run
+        "rows_recomputed_fp32": SF._SCREEN_STATS.redone,
+    }
 
     rows = ablation(args, batches, held, eval_steps) if args.ablation else []
     seeds = [int(s) for s in args.extra_seeds.split(",") if s]
@@ -644,6 +659,13 @@ def main(argv: list[str] | None = None) -> None:
     met = bool(speed_met and fvu_met)
 
     opts = f"optimizer={args.interp_optimizer}, init={args.interp_init}, b_dec_init={args.interp_b_dec_init}"
+    if screen["used"]:
+        opts += (
+            f", bf16-screened TopK ({screen['rows_recomputed_fp32']:,} of {screen['rows']:,} "
+            "rows recomputed in fp32)"
+        )
+    else:
+        opts += ", fp32 TopK"
     title = (
         f"TopK SAE training, d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}, "
         f"{args.device}, {torch.get_num_threads()} threads, data={args.data}"
@@ -742,6 +764,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_rows": int(held.shape[0]),
         "interp": {
             "options": {**kw, "init": init},
+            "bf16_screen": screen,
             "median_step_s": med["interp"],
             "tokens_per_s": args.batch / med["interp"],
             "fvu_held_out": fvus["interp"][tokens[-1]],  # after all the training tokens

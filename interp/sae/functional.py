@@ -31,6 +31,7 @@ Appendix A; OpenAI's reference code ``sparse_autoencoder/train.py``):
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -268,7 +269,7 @@ def _scatter_rows(
     )
 
 
-def _topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _topk_rows(pre: Tensor, k: int, group: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-row top-k of a contiguous ``[rows, d]`` matrix: (values sorted descending, indices).
 
     Two stages when k ≪ d: split the columns into ``d / G`` strided groups of G
@@ -281,7 +282,7 @@ def _topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     d = 4608, k = 32; small or indivisible widths use ``torch.topk`` directly.
     """
     rows, d = pre.shape
-    G = _TOPK_GROUP
+    G = _TOPK_GROUP if group is None else group
     if G < 2 or d % G or d < 4 * k * G:
         top = pre.topk(k, dim=-1, sorted=True)
         return top.values, top.indices
@@ -292,6 +293,123 @@ def _topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     top = members.view(rows, G * k).topk(k, dim=-1, sorted=True)
     member, slot = top.indices // k, top.indices % k
     return top.values, member * n_groups + groups.gather(1, slot)
+
+
+def _bf16_screen_hardware() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): a bf16 GEMM there
+    takes about half the time of an fp32 one; elsewhere oneDNN emulates it, slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ``None``: screen wherever the CPU has bf16 arithmetic; True/False force it on or off
+# (tests; the benchmark's ablation).
+_BF16_SCREEN: bool | None = None
+_BF16_SCREEN_HARDWARE = _bf16_screen_hardware()
+# Candidates per row of the screen: k + k (the screen's error bound certified 96–100 % of
+# the benchmark's rows in the first 60 training steps with 2k; with 1.5k, 51–91 %).
+_SCREEN_EXTRA = 1.0
+# Column groups of the screen's two-stage TopK over bf16 (measured best at 8 for 2k = 64).
+_SCREEN_GROUP = 8
+_BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand)
+
+
+def _use_bf16_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
+    enabled = _BF16_SCREEN_HARDWARE if _BF16_SCREEN is None else _BF16_SCREEN
+    d_sae = W_enc.shape[1]
+    return (
+        enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and W_enc.dtype == torch.float32
+        and k + math.ceil(_SCREEN_EXTRA * k) <= d_sae // 8
+    )
+
+
+class _Bf16Screen(NamedTuple):
+    """Per-call constants of ``_screened_topk``: W_enc and b_enc in bf16 and the column
+    terms of the error bound."""
+
+    W: Tensor  # [d_in, d_sae] bf16
+    b: Tensor  # [d_sae] bf16
+    w_max: float  # max_j ‖W_enc[:, j]‖
+    dw_max: float  # max_j ‖W_enc[:, j] − bf16(W_enc[:, j])‖
+    b_max: float  # max_j |b_enc[j]|
+
+
+def _bf16_screen(W_enc: Tensor, b_enc: Tensor) -> _Bf16Screen:
+    W = W_enc.bfloat16()
+    rows = W_enc.t()  # one latent per row (contiguous for TopKSAE's storage)
+    dw = (rows - W.t().float()).norm(dim=1)
+    return _Bf16Screen(
+        W,
+        b_enc.bfloat16(),
+        float(rows.norm(dim=1).max()),
+        float(dw.max()),
+        float(b_enc.abs().max()),
+    )
+
+
+def _screened_topk(
+    xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, screen: _Bf16Screen, buf: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Exact fp32 TopK of ``xc @ W_enc + b_enc`` per row, with the dense GEMM in bf16.
+
+    1. c = bf16(xc) @ bf16(W_enc) + bf16(b_enc) in bf16 (``buf``): half an fp32 GEMM's time
+       on CPUs with bf16 arithmetic;
+    2. the k + m largest c per row are the candidates, and T is the smallest of them: every
+       other latent j has c_j ≤ T;
+    3. the candidates' pre-activations v = xc · W_enc[:, j] + b_enc[j] are computed in fp32
+       (``_rows_dot``), and the row's top k of them is the answer when it is *certified*:
+       the k-th largest v exceeds the largest value any non-candidate can have,
+           T + 2.05 u |T| + ‖Δx‖ max‖w_j‖ + ‖x̃‖ max‖Δw_j‖ + 2.05 u max|b_j| + γ ‖x̃‖ max‖w̃_j‖,
+       a bound on |c_j − v_j| for every j (u = 2⁻⁸; Δx = x − bf16(x) and Δw likewise,
+       the products' rounding by Cauchy–Schwarz; u |T| for rounding the output, twice if
+       the bias is added after rounding; u |b| for rounding the bias; γ = 3.1 (d_in + 2)
+       2⁻²⁴ for the fp32 accumulation of the bf16 GEMM, of the candidates' dot products
+       and of the fp32 GEMM this replaces, in any summation order);
+    4. the rows not certified (near-ties the bf16 screen cannot separate; 0–4 % of the
+       benchmark's rows) are recomputed with the fp32 GEMM.
+    The selection is that of the fp32 pre-activations (up to the fp32 rounding any GEMM
+    has) and the values are fp32 dot products. Returns (values sorted descending, indices).
+    """
+    rows = xc.shape[0]
+    u = _BF16_UNIT
+    xb = xc.bfloat16()
+    c = torch.addmm(screen.b, xb, screen.W, out=buf)
+    width = k + math.ceil(_SCREEN_EXTRA * k)
+    cand_c, cand = _topk_rows(c, width, group=_SCREEN_GROUP)
+    exact = _rows_dot(W_enc.t().contiguous(), cand, xc).add_(b_enc[cand])
+    top = exact.topk(k, dim=-1, sorted=True)
+    values, indices = top.values, cand.gather(1, top.indices)
+    T = cand_c[:, -1].float()
+    x_norm = xb.float().norm(dim=1)
+    dx_norm = (xc - xb.float()).norm(dim=1)
+    accumulation = 3.1 * (xc.shape[1] + 2) * 2.0**-24  # three fp32 dot products' γ_d
+    bound = (
+        T
+        + 2.05 * u * T.abs()
+        + dx_norm * screen.w_max
+        + x_norm * (screen.dw_max + accumulation * (screen.w_max + screen.dw_max))
+        + 2.05 * u * screen.b_max
+    )
+    redo = (~(bound < values[:, -1])).nonzero().squeeze(1)
+    if redo.numel():
+        pre = torch.addmm(b_enc, xc.index_select(0, redo), W_enc)
+        values[redo], indices[redo] = _topk_rows(pre, k)
+    _SCREEN_STATS.rows += rows
+    _SCREEN_STATS.redone += int(redo.numel())
+    return values, indices
+
+
+class _ScreenStats(threading.local):
+    rows: int = 0
+    redone: int = 0
+
+
+_SCREEN_STATS = _ScreenStats()
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -326,10 +444,17 @@ class _TopKEncode(torch.autograd.Function):
         elements = _REUSED_CHUNK_ELEMENTS if _ENCODER_BUFFER.active else _ENCODE_CHUNK_ELEMENTS
         max_rows = max(1, elements // d_sae)
         rows = max(1, -(-n // -(-n // max_rows))) if n else 1  # equal chunks ≤ max_rows
-        buf = _encoder_buffer(rows, d_sae, x)
+        screen = _bf16_screen(W_enc, b_enc) if not k_sel and _use_bf16_screen(x, W_enc, k) else None
+        buf_dtype = torch.bfloat16 if screen is not None else x.dtype
+        buf = _encoder_buffer(rows, d_sae, x.new_empty(0, dtype=buf_dtype))
         centered = x - b_dec  # once: every chunk's GEMM and the W_enc gradient read it
         for s in range(0, n, rows):
             xc = centered[s : s + rows]
+            if screen is not None:
+                values[s : s + rows], indices[s : s + rows] = _screened_topk(
+                    xc, W_enc, b_enc, k, screen, buf[: xc.shape[0]]
+                )
+                continue
             pre = torch.addmm(b_enc, xc, W_enc, out=buf[: xc.shape[0]])
             values[s : s + rows, :k], indices[s : s + rows, :k] = _topk_rows(pre, k)
             if k_sel:

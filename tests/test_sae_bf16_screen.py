@@ -1,0 +1,171 @@
+"""The TopK encoder's bf16 screen (``functional._screened_topk``) selects exactly what the
+fp32 pre-activations select.
+
+The screen is forced on here whatever the CPU (without bf16 arithmetic it is only slower),
+and its answers are compared with ``torch.topk`` over the dense fp32 pre-activations:
+on random data, where nearly every row is certified, and on planted near-ties that bf16
+cannot separate, where the rows must be recomputed in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.sae import TopKSAE
+from interp.sae import functional as SF
+from interp.sae.functional import pre_activations, topk_encode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def screen_on(monkeypatch):
+    monkeypatch.setattr(SF, "_BF16_SCREEN", True)
+    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.redone = 0
+    return SF._SCREEN_STATS
+
+
+def _sae(d_in=48, d_sae=768, k=8, seed=0):
+    sae = TopKSAE(d_in, d_sae, k, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=g))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=g))
+    return sae
+
+
+def _x(n=256, d_in=48, seed=2):
+    return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _assert_exact_topk(acts, pre, k):
+    """Same index sets as fp32 ``torch.topk`` (rows without ties), values to fp32 rounding."""
+    ref = pre.topk(k, dim=-1)
+    torch.testing.assert_close(
+        acts.indices.sort(-1).values, ref.indices.sort(-1).values, rtol=0, atol=0
+    )
+    torch.testing.assert_close(acts.values, ref.values.relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_screen_is_used_and_selects_the_fp32_topk(screen_on):
+    sae, x = _sae(), _x()
+    assert SF._use_bf16_screen(x, sae.W_enc, sae.k)
+    with torch.no_grad():
+        acts = sae.encode(x)
+        pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    assert screen_on.rows == x.shape[0]
+    assert screen_on.redone < x.shape[0] // 4  # the screen, not the fallback, did the work
+    _assert_exact_topk(acts, pre, sae.k)
+
+
+def test_planted_near_ties_are_recomputed_in_fp32(screen_on):
+    """Sixty latents whose pre-activations differ by ~1e-4 relative: bf16 (8-bit
+    significand) cannot order them, fp32 can. Rows must fall back to the fp32 GEMM and
+    still select the fp32 top k; without the error bound the screen's candidates would be
+    an arbitrary 2k of the sixty."""
+    d_in, d_sae, k = 48, 768, 8
+    sae = _sae(d_in, d_sae, k)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(d_in, generator=g)
+    x = base + 0.01 * torch.randn(128, d_in, generator=g)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.b_enc.zero_()
+        W = sae.W_enc  # [d_in, d_sae], a view of row-major latent rows
+        W.mul_(0.01)  # every other latent far below the planted ones
+        scale = 1 + 1e-4 * torch.arange(60, dtype=torch.float32)[torch.randperm(60, generator=g)]
+        W[:, :60] = base[:, None] / base.norm() ** 2 * scale
+        acts = sae.encode(x)
+        pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    assert screen_on.redone > 0
+    _assert_exact_topk(acts, pre, k)
+
+
+def _bf16_grid(*exponents: int) -> torch.Tensor:
+    """Every bf16 number in [2^e, 2^(e+1)) for each e: 128 per binade, exact in bf16."""
+    return torch.cat([2.0**e * (1 + torch.arange(128) / 128) for e in exponents])
+
+
+@pytest.mark.parametrize("source", ["x", "W_enc", "b_enc", "output"])
+def test_each_rounding_source_of_the_bound_is_needed(screen_on, source):
+    """Planted ties: bf16 computes one value for every latent, while the fp32
+    pre-activations are distinct and positive, so the screen's candidates are an arbitrary
+    2k. The error comes only from rounding ``source``; the bound's term for it must send
+    every row to the fp32 recomputation (without that term the arbitrary candidates are
+    certified: the test fails)."""
+    d_in, d_sae, k, n = 8, 384, 8, 16
+    W = torch.zeros(d_in, d_sae)
+    b = torch.zeros(d_sae)
+    x = torch.zeros(n, d_in)
+    order = torch.randperm(d_sae, generator=torch.Generator().manual_seed(7))
+    if source == "x":  # x₀ = 100.2 rounds to 100; w = (a, a), a on the bf16 grid of [1, 8)
+        x[:, 0], x[:, 1] = 100.2, -100.0
+        a = _bf16_grid(0, 1, 2)[order]
+        W[0], W[1] = a, a  # v = 0.2 a
+    elif source == "W_enc":  # w₀ = 1 + ε rounds to 1 (ε < 2⁻⁸); x = (100, −100) exact
+        x[:, 0], x[:, 1] = 100.0, -100.0
+        W[0], W[1] = 1 + (1e-4 + 3.6e-3 * order / d_sae), 1.0  # v = 100 ε
+    elif source == "b_enc":  # b = 100 + δ rounds to 100 (δ < 0.25); x · w = −100 exact
+        x[:, 0] = -100.0
+        W[0] = 1.0
+        b = 100 + 0.01 + 0.23 * order / d_sae  # v = δ
+    else:  # inputs exact (s on the bf16 grid of [¼, 2)); v = 1000 + s rounds to 1000 in bf16
+        x[:, 0], x[:, 1] = 1000.0, 1.0
+        W[0], W[1] = 1.0, _bf16_grid(-2, -1, 0)[order]
+    expected = 1000.0 if source == "output" else 0.0
+    assert (torch.addmm(b.bfloat16(), x.bfloat16(), W.bfloat16()) == expected).all()
+    acts = topk_encode(x, W, b, torch.zeros(d_in), k)
+    assert screen_on.redone == n
+    _assert_exact_topk(acts, pre_activations(x, W, b, torch.zeros(d_in)), k)
+
+
+def test_plain_contiguous_w_enc_and_chunks(screen_on, monkeypatch):
+    """``topk_encode`` with a [d_in, d_sae] row-major W_enc (not TopKSAE's layout), in
+    several chunks of rows."""
+    d_in, d_sae, k = 48, 768, 8
+    g = torch.Generator().manual_seed(3)
+    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+    b_enc, b_dec = 0.1 * torch.randn(d_sae, generator=g), torch.randn(d_in, generator=g)
+    x = _x(300, d_in)
+    monkeypatch.setattr(SF, "_ENCODE_CHUNK_ELEMENTS", 64 * d_sae)
+    acts = topk_encode(x, W_enc, b_enc, b_dec, k)
+    assert screen_on.rows == 300
+    _assert_exact_topk(acts, pre_activations(x, W_enc, b_enc, b_dec), k)
+
+
+def test_screened_gradients_equal_the_unscreened(monkeypatch):
+    sae, x = _sae(), _x()
+
+    def grads(flag):
+        monkeypatch.setattr(SF, "_BF16_SCREEN", flag)
+        out = sae(x)
+        return torch.autograd.grad(out.fvu, list(sae.parameters()))
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["off", "float64", "bfloat16", "k too large for the width"],
+)
+def test_screen_is_not_used_where_it_cannot_help(monkeypatch, case):
+    monkeypatch.setattr(SF, "_BF16_SCREEN", case != "off")
+    x, W = torch.randn(4, 48), torch.randn(48, 768)
+    k = 8
+    if case == "float64":
+        x, W = x.double(), W.double()
+    elif case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "k too large for the width":
+        k = 49  # k + k > 768 / 8
+    assert not SF._use_bf16_screen(x, W, k)
+
+
+def test_auxk_calls_use_the_fp32_path(screen_on):
+    sae, x = _sae(), _x()
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[::5] = True
+    sae(x, dead_mask=dead, k_aux=16)
+    assert screen_on.rows == 0
