@@ -4,8 +4,8 @@ peft puts the adapter of an offloaded module on ``meta`` (where its base weights
 forwards), where a forward through it computes with uninitialized memory: ``apply_lora`` puts
 those adapters in memory on the module's execution device, with the initial values of the
 model loaded whole, and LoRA on every layer (offloaded or not) trains to the weights of the
-model loaded whole. ``train`` refuses a ``PeftModel`` whose adapters peft left on ``meta``, and
-``load_adapter`` refuses offloaded targets.
+model loaded whole; ``load_adapter`` likewise. ``train`` refuses a ``PeftModel`` whose adapters
+peft left on ``meta``.
 """
 
 from __future__ import annotations
@@ -130,10 +130,28 @@ def test_lora_on_layers_in_memory_trains_as_the_whole_model(saved, tmp_path, emb
     assert result.model.base_model.model.model.layers[1].mlp.up_proj.weight.is_meta  # not moved
 
 
-def test_load_adapter_refuses_offloaded_targets(saved, tmp_path):
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_onto_offloaded_modules_equals_the_whole_model(saved, tmp_path, is_trainable):
+    """A trained adapter loaded onto the dispatched model: every adapter weight in memory
+    with the saved values, the base weights still offloaded, and the logits of the model
+    loaded whole with the same adapter."""
     trained = train(interp.load(str(saved)), EXAMPLES, SFTLoss(), TrainConfig(**CONFIG))
     save_adapter(trained.model, tmp_path / "all")
-    model = _dispatched(saved, tmp_path)
-    with pytest.raises(ValueError, match=r"^the adapter in .*all would adapt .*in layers \[1\]"):
-        load_adapter(model, tmp_path / "all")
-    assert not any("lora_" in n for n, _ in model.model.named_modules())
+    want = _lora(trained.model)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    whole = load_adapter(interp.load(str(saved)), tmp_path / "all")
+    peft_model = load_adapter(
+        _dispatched(saved, tmp_path), tmp_path / "all", is_trainable=is_trainable
+    )
+    got = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert got.keys() == want.keys()
+    assert {n.split(".layers.")[1][0] for n in got} == {"0", "1", "2"}
+    for name, p in got.items():
+        assert p.device.type == "cpu" and p.requires_grad == is_trainable, name
+        torch.testing.assert_close(p.detach(), want[name], atol=0, rtol=0)
+    base = peft_model.base_model.model
+    assert base.model.layers[1].mlp.up_proj.weight.is_meta and base.lm_head.weight.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(
+            peft_model(input_ids=ids).logits, whole(input_ids=ids).logits, atol=1e-5, rtol=0
+        )

@@ -177,29 +177,6 @@ def _offloaded(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters(recurse=False))
 
 
-def _refuse_offloaded(base: nn.Module, names: Sequence[str], what: str) -> None:
-    """Raise, before an adapter is loaded, when one of the modules ``names`` is offloaded by
-    ``accelerate`` (a ``device_map`` with disk offload, or CPU offload beside an
-    accelerator): its weights sit on ``meta`` between forwards, ``peft`` would put the
-    adapter on ``meta`` too, and a forward through it would compute with uninitialized
-    memory (garbage or NaN logits, then a device error in the backward)."""
-    modules = dict(base.named_modules())
-    hit = [n for n in names if _offloaded(modules[n])]
-    if not hit:
-        return
-    layer_of = {n: int(m.group(1)) for n in hit if (m := _LAYER_INDEX.search(n))}
-    where = sorted(set(layer_of.values()))
-    raise ValueError(
-        f"{what} would adapt {len(hit)} modules that accelerate offloaded"
-        f"{f' in layers {where}' if where else ''} ({', '.join(hit[:3])}"
-        f"{', …' if len(hit) > 3 else ''}): their weights sit on the meta device between "
-        "forwards, peft would put their adapters there too, and those would compute garbage "
-        "and never train. Load the model with these modules in memory (a device_map without "
-        "'disk', and without 'cpu' beside an accelerator), or train a fresh LoRA on them with "
-        "apply_lora/train (which put the adapters of offloaded modules in memory)"
-    )
-
-
 def _execution_device(modules: dict[str, nn.Module], name: str) -> torch.device | None:
     """The device ``accelerate`` runs module ``name`` on (``modules``: the model's
     ``named_modules``): the ``execution_device`` of the ``AlignDevicesHook`` on it or,
@@ -329,7 +306,10 @@ def save_adapter(model: Any, directory: str | os.PathLike[str]) -> Path:
 def load_adapter(
     model: Any, directory: str | os.PathLike[str], *, is_trainable: bool = False
 ) -> nn.Module:
-    """Load a saved adapter onto ``model`` (or ``model.model``); returns the ``PeftModel``."""
+    """Load a saved adapter onto ``model`` (or ``model.model``); returns the ``PeftModel``.
+
+    As with ``apply_lora``, the adapters of modules ``accelerate`` offloaded are put in
+    memory on each module's execution device (peft alone would leave them on ``meta``)."""
     from peft import PeftModel
 
     base = resolve_model(model)
@@ -348,6 +328,33 @@ def load_adapter(
             for n, _ in base.named_modules()
             if any(n == t or n.endswith("." + t) for t in targets)
         ]
-    _refuse_offloaded(base, names, f"the adapter in {directory}")
-    with _quiet_peft():
-        return PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
+    modules = dict(base.named_modules())
+    if not any(_offloaded(modules[n]) for n in names):
+        with _quiet_peft():
+            return PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
+    # peft's own loader re-dispatches an offloaded model (an inferred device map, which
+    # fails on weights already on meta) and would put these adapters on meta; attach the
+    # adapter structure as apply_lora does, then load the saved weights into it.
+    from peft import PeftConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(str(directory))
+    config.inference_mode = not is_trainable
+    with (
+        _offloaded_weights_on_execution_device(base, names),
+        torch.random.fork_rng(devices=[]),
+        _quiet_peft(),
+    ):
+        peft_model = get_peft_model(base, config)
+    refuse_meta_adapters(peft_model)
+    saved = load_peft_weights(str(directory), device="cpu")
+    loaded = set_peft_model_state_dict(peft_model, saved)
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if loaded.unexpected_keys or missing:
+        raise ValueError(
+            f"the adapter in {directory} does not fit this model: "
+            f"unexpected {loaded.unexpected_keys[:3]}, missing {missing[:3]}"
+        )
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(is_trainable)
+    return peft_model.train(False) if not is_trainable else peft_model
