@@ -15,6 +15,12 @@ Appendix A; OpenAI's reference code ``sparse_autoencoder/train.py``):
   entries of ``b_enc`` (``_scatter_rows``, ``index_add``). Only those k pre-activations
   carry gradient, so this is exact, and it replaces a dense ``[d_in, n] @ [n, d_sae]``
   matmul by n·k·d_in multiply-adds.
+* On CPUs with bf16 arithmetic (AVX512-BF16, AMX) the selection is *screened*
+  (``_screened_topk``): the GEMM runs in bf16 (half the time of fp32), the 2k largest
+  bf16 pre-activations per row are recomputed exactly in fp32, and their top k is kept
+  when a bound on bf16's rounding error certifies that no other latent can beat the k-th;
+  rows it cannot certify are recomputed with the fp32 GEMM. The selection and values are
+  the fp32 ones (up to fp32 rounding), not a bf16 approximation.
 * Decoding goes through ``_SparseDecode``: the forward is ``embedding_bag`` (gather and
   weighted sum of k decoder rows without materializing them); the backward computes
   ``dW_dec`` with ``_scatter_rows`` (the (row, latent) pairs sorted by latent, then one
