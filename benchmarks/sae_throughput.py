@@ -623,12 +623,13 @@ def main(argv: list[str] | None = None) -> None:
     fvus: dict[str, dict[int, float]] = {n: {} for n in names}
     kw = interp_kwargs(args)
     init = kw.pop("init")
-    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.redone = 0
+    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.widened = SF._SCREEN_STATS.redone = 0
     extra = run_interp(args, batches, held, eval_steps, peers, times, fvus, init=init, **kw)
     machine_timed_end = harness.loadavg()
     screen = {
         "used": SF._SCREEN_STATS.rows > 0,
         "rows": SF._SCREEN_STATS.rows,  # training and held-out encodings of the timed run
+        "rows_screened_again_wider": SF._SCREEN_STATS.widened,  # counted per widening
         "rows_recomputed_fp32": SF._SCREEN_STATS.redone,
     }
 
@@ -661,8 +662,9 @@ def main(argv: list[str] | None = None) -> None:
     opts = f"optimizer={args.interp_optimizer}, init={args.interp_init}, b_dec_init={args.interp_b_dec_init}"
     if screen["used"]:
         opts += (
-            f", bf16-screened TopK ({screen['rows_recomputed_fp32']:,} of {screen['rows']:,} "
-            "rows recomputed in fp32)"
+            f", bf16-screened TopK ({screen['rows']:,} rows; {screen['rows_screened_again_wider']:,} "
+            f"screened again with more candidates, {screen['rows_recomputed_fp32']:,} recomputed "
+            "in fp32)"
         )
     else:
         opts += ", fp32 TopK"

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def screen_on(monkeypatch):
     monkeypatch.setattr(SF, "_BF16_SCREEN", True)
-    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.redone = 0
+    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.widened = SF._SCREEN_STATS.redone = 0
     return SF._SCREEN_STATS
 
 
@@ -59,26 +59,32 @@ def test_screen_is_used_and_selects_the_fp32_topk(screen_on):
     _assert_exact_topk(acts, pre, sae.k)
 
 
-def test_planted_near_ties_are_recomputed_in_fp32(screen_on):
-    """Sixty latents whose pre-activations differ by ~1e-4 relative: bf16 (8-bit
-    significand) cannot order them, fp32 can. Rows must fall back to the fp32 GEMM and
-    still select the fp32 top k; without the error bound the screen's candidates would be
-    an arbitrary 2k of the sixty."""
+@pytest.mark.parametrize("planted", [60, 120])
+def test_planted_near_ties_widen_the_screen_or_fall_back_to_fp32(screen_on, planted):
+    """``planted`` latents whose pre-activations differ by ~1e-4 relative: bf16 (8-bit
+    significand) cannot order them, fp32 can. 60 fit in the widest screen (d_sae / 8 = 96
+    candidates): those rows are certified after widening. 120 do not: they fall back to
+    the fp32 GEMM. Half the rows, shuffled among them, have no ties and are certified at
+    once. Every row gets the fp32 top k; without the error bound the screen's candidates
+    would be an arbitrary 2k of the planted ones."""
     d_in, d_sae, k = 48, 768, 8
     sae = _sae(d_in, d_sae, k)
     g = torch.Generator().manual_seed(5)
     base = torch.randn(d_in, generator=g)
-    x = base + 0.01 * torch.randn(128, d_in, generator=g)
+    tied = base + 0.01 * torch.randn(64, d_in, generator=g)
+    clear = 3 * torch.randn(64, d_in, generator=g)  # rows the first screen certifies
+    x = torch.cat([tied, clear])[torch.randperm(128, generator=g)]
     with torch.no_grad():
         sae.b_dec.zero_()
         sae.b_enc.zero_()
         W = sae.W_enc  # [d_in, d_sae], a view of row-major latent rows
         W.mul_(0.01)  # every other latent far below the planted ones
-        scale = 1 + 1e-4 * torch.arange(60, dtype=torch.float32)[torch.randperm(60, generator=g)]
-        W[:, :60] = base[:, None] / base.norm() ** 2 * scale
+        steps = torch.arange(planted, dtype=torch.float32)[torch.randperm(planted, generator=g)]
+        W[:, :planted] = base[:, None] / base.norm() ** 2 * (1 + 1e-4 * steps)
         acts = sae.encode(x)
         pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
-    assert screen_on.redone > 0
+    assert screen_on.widened > 0
+    assert (screen_on.redone >= len(tied)) == (planted > d_sae // 8)
     _assert_exact_topk(acts, pre, k)
 
 

@@ -376,43 +376,61 @@ def _screened_topk(
        the bias is added after rounding; u |b| for rounding the bias; γ = 3.1 (d_in + 2)
        2⁻²⁴ for the fp32 accumulation of the bf16 GEMM, of the candidates' dot products
        and of the fp32 GEMM this replaces, in any summation order);
-    4. the rows not certified (near-ties the bf16 screen cannot separate; 0–4 % of the
-       benchmark's rows) are recomputed with the fp32 GEMM.
+    4. the rows not certified (near-ties the bf16 screen cannot separate) go through
+       steps 2–3 again with twice as many candidates (a lower T), as long as that is at
+       most d_sae / 8 of them; the rest are recomputed with the fp32 GEMM.
     The selection is that of the fp32 pre-activations (up to the fp32 rounding any GEMM
     has) and the values are fp32 dot products. Returns (values sorted descending, indices).
     """
-    rows = xc.shape[0]
+    rows, d_sae = xc.shape[0], W_enc.shape[1]
     u = _BF16_UNIT
     xb = xc.bfloat16()
     c = torch.addmm(screen.b, xb, screen.W, out=buf)
-    width = k + math.ceil(_SCREEN_EXTRA * k)
-    cand_c, cand = _topk_rows(c, width, group=_SCREEN_GROUP)
-    exact = _rows_dot(W_enc.t().contiguous(), cand, xc).add_(b_enc[cand])
-    top = exact.topk(k, dim=-1, sorted=True)
-    values, indices = top.values, cand.gather(1, top.indices)
-    T = cand_c[:, -1].float()
     x_norm = xb.float().norm(dim=1)
     dx_norm = (xc - xb.float()).norm(dim=1)
     accumulation = 3.1 * (xc.shape[1] + 2) * 2.0**-24  # three fp32 dot products' γ_d
-    bound = (
-        T
-        + 2.05 * u * T.abs()
-        + dx_norm * screen.w_max
+    slack = (  # the bound's terms that do not depend on T
+        dx_norm * screen.w_max
         + x_norm * (screen.dw_max + accumulation * (screen.w_max + screen.dw_max))
         + 2.05 * u * screen.b_max
     )
-    redo = (~(bound < values[:, -1])).nonzero().squeeze(1)
-    if redo.numel():
-        pre = torch.addmm(b_enc, xc.index_select(0, redo), W_enc)
-        values[redo], indices[redo] = _topk_rows(pre, k)
+    W_rows = W_enc.t().contiguous()  # one latent per row (a view for TopKSAE's storage)
+    values = xc.new_empty(rows, k)
+    indices = torch.empty(rows, k, dtype=torch.long, device=xc.device)
+    todo: Tensor | None = None  # rows still to certify; None: all of them
+    width = k + math.ceil(_SCREEN_EXTRA * k)
+    while True:
+        cand_c, cand = _topk_rows(_take(c, todo), width, group=_SCREEN_GROUP)
+        exact = _rows_dot(W_rows, cand, _take(xc, todo)).add_(b_enc[cand])
+        top = exact.topk(k, dim=-1, sorted=True)
+        T = cand_c[:, -1].float()
+        certified = T + 2.05 * u * T.abs() + _take(slack, todo) < top.values[:, -1]
+        done = certified.nonzero().squeeze(1)
+        at = done if todo is None else todo[done]
+        values.index_copy_(0, at, top.values.index_select(0, done))
+        indices.index_copy_(0, at, cand.gather(1, top.indices).index_select(0, done))
+        left = (~certified).nonzero().squeeze(1)
+        todo = left if todo is None else todo[left]
+        width *= 2
+        if todo.numel() == 0 or width > d_sae // 8:
+            break
+        _SCREEN_STATS.widened += int(todo.numel())
+    if todo.numel():
+        pre = torch.addmm(b_enc, xc.index_select(0, todo), W_enc)
+        values[todo], indices[todo] = _topk_rows(pre, k)
     _SCREEN_STATS.rows += rows
-    _SCREEN_STATS.redone += int(redo.numel())
+    _SCREEN_STATS.redone += int(todo.numel())
     return values, indices
 
 
+def _take(t: Tensor, rows: Tensor | None) -> Tensor:
+    return t if rows is None else t.index_select(0, rows)
+
+
 class _ScreenStats(threading.local):
-    rows: int = 0
-    redone: int = 0
+    rows: int = 0  # rows screened
+    widened: int = 0  # rows screened again with more candidates (counted per widening)
+    redone: int = 0  # rows recomputed with the fp32 GEMM
 
 
 _SCREEN_STATS = _ScreenStats()
