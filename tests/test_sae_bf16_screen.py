@@ -175,3 +175,15 @@ def test_auxk_calls_use_the_fp32_path(screen_on):
     dead[::5] = True
     sae(x, dead_mask=dead, k_aux=16)
     assert screen_on.rows == 0
+
+
+@pytest.mark.parametrize(
+    ("hardware", "d_sae", "expected"),
+    [(True, 1024, True), (True, 1016, False), (False, 1024, False)],
+)
+def test_automatic_choice_needs_bf16_hardware_and_d_sae_of_128_k(
+    monkeypatch, hardware, d_sae, expected
+):
+    monkeypatch.setattr(SF, "_BF16_SCREEN", None)
+    monkeypatch.setattr(SF, "_BF16_SCREEN_HARDWARE", hardware)
+    assert SF._use_bf16_screen(torch.randn(4, 48), torch.randn(48, d_sae), 8) is expected
