@@ -24,7 +24,7 @@ import _common as C  # noqa: I001  (first: thread settings before torch loads)
 import dataclasses
 import json
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 import bbq
@@ -293,25 +293,6 @@ def differences(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: e["difference"] for n, e in found if e and e.get("difference")}
 
 
-def spread(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Each difference's estimate over seeds: n, mean, sd, min, max."""
-    found: dict[str, list[float]] = defaultdict(list)
-    for r in per_seed.values():
-        for name, d in differences(r).items():
-            if d["estimate"] is not None:
-                found[name].append(d["estimate"])
-    return {
-        n: {
-            "n_seeds": len(x),
-            "mean": sum(x) / len(x),
-            "min": min(x),
-            "max": max(x),
-            "sd": float(torch.tensor(x).std()) if len(x) > 1 else None,
-        }
-        for n, x in found.items()
-    }
-
-
 def headline(res: dict[str, Any], m: int) -> list[str]:
     rule = res["pairs"]["rule"].split(":")[0]
     lines = [f"pairs: {res['pairs']['n_pairs']} ({rule}); tuned - base [95%] / [Bonferroni, m={m}]"]
@@ -375,7 +356,9 @@ def body(s: Settings, report) -> None:
         per_seed[seed] = run_seed(model, items, judges, s, seed, prefill, report, m)
         report["seeds"] = per_seed
         report.save()
-    report["across_seeds"] = spread(per_seed)
+    report["across_seeds"] = stats.seed_spreads(
+        [{n: d["estimate"] for n, d in differences(r).items()} for r in per_seed.values()]
+    )
     report["headline"] = headline(per_seed[s.seeds[0]], m)
     with report.step("plots"):
         report["plots"] = plots(per_seed, s, m)
