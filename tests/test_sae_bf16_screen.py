@@ -169,12 +169,30 @@ def test_screen_is_not_used_where_it_cannot_help(monkeypatch, case):
     assert not SF._use_bf16_screen(x, W, k)
 
 
-def test_auxk_calls_use_the_fp32_path(screen_on):
+@pytest.mark.parametrize("every", [5, 3])
+def test_auxk_with_the_screen_equals_the_fp32_path(monkeypatch, every):
+    """With dead latents the screen selects the TopK and an fp32 GEMM over the dead columns
+    the AuxK candidates, while the dead are at most d_sae / 4 (every 5th latent); with more
+    (every 3rd) the whole encoder runs in fp32. Losses and gradients equal the fp32 path's."""
     sae, x = _sae(), _x()
     dead = torch.zeros(sae.d_sae, dtype=torch.bool)
-    dead[::5] = True
-    sae(x, dead_mask=dead, k_aux=16)
-    assert screen_on.rows == 0
+    dead[::every] = True
+
+    def run(flag):
+        monkeypatch.setattr(SF, "_BF16_SCREEN", flag)
+        SF._SCREEN_STATS.rows = 0
+        out = sae(x, dead_mask=dead, k_aux=16)
+        loss = out.fvu + out.auxk_loss
+        return SF._SCREEN_STATS.rows, out, torch.autograd.grad(loss, list(sae.parameters()))
+
+    screened_rows, got, got_grads = run(True)
+    _, want, want_grads = run(False)
+    assert screened_rows == (x.shape[0] if every == 5 else 0)
+    assert got.auxk_loss > 0
+    torch.testing.assert_close(got.auxk_loss, want.auxk_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.fvu, want.fvu, rtol=1e-5, atol=1e-7)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(

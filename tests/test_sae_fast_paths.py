@@ -4,6 +4,7 @@
 * the fused sum of squared errors inside ``fvu``;
 * the pre-activation buffer reused across calls inside ``reuse_encoder_buffer``;
 * block-by-block optimizer step, decoder projection and renormalization (``_blocks``);
+* the AuxK decode over a small dead set as one dense product (``_auxk_loss``);
 * the training loop in sparsify's step order (decoder rows renormalized before the forward,
   not after the step) against a dense re-implementation of sparsify's per-batch step.
 """
@@ -237,6 +238,42 @@ def test_signsgd_loop_equals_sparsify_step_order():
     out = train_sae(_sae(), batches, b_dec_init="mean", lr=lr, progress=False).sae
     for name, want in ref.items():
         torch.testing.assert_close(getattr(out, name).data, want.data, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("every", [8, 3])
+def test_auxk_loss_over_a_small_dead_set_is_decoded_densely(monkeypatch, every):
+    """TopKSAE.forward passes the dead set to the AuxK loss: while it is at most d_sae / 4
+    (every 8th latent) the aux latents are decoded as one dense product over the dead
+    columns (no sparse gather: ``sparse_decode`` must not be called), with the loss and
+    gradients of the sparse decode; a larger dead set (every 3rd) keeps the sparse one."""
+    sae, x = _sae(d_sae=200), _x()
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[::every] = True
+    k_aux = 6
+    _, aux = SF._topk_encode_with_aux(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, k_aux)
+    x_hat = sae(x).x_hat.detach()
+    values = aux.values.detach().requires_grad_(True)
+    aux = SF.TopKActivations(aux.indices, values)
+
+    def loss_and_grads(dead_idx):
+        loss = SF._auxk_loss(x, x_hat, aux, sae.W_dec, dead=dead_idx)
+        return loss, torch.autograd.grad(loss, [values, sae.W_dec])
+
+    want, want_grads = loss_and_grads(None)
+    if every == 8:
+
+        def refuse(*a, **kw):
+            raise AssertionError("the dense AuxK decode gathered rows")
+
+        monkeypatch.setattr(SF, "sparse_decode", refuse)
+    got, got_grads = loss_and_grads(dead.nonzero().squeeze(1))
+    assert want > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and TopKSAE.forward gives the same AuxK term either way
+    out = sae(x, dead_mask=dead, k_aux=k_aux)
+    torch.testing.assert_close(out.auxk_loss, want, rtol=1e-5, atol=1e-7)
 
 
 def test_max_grad_norm_is_adams_only():

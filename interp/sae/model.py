@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from interp.sae.functional import (
     AllReduce,
     TopKActivations,
+    _auxk_loss,
     _blocks,
     _sparse_decode,
     _topk_encode_planned,
     _topk_encode_with_aux,
-    auxk_loss,
     dense_decode,
     fvu,
     geometric_median,
@@ -219,7 +219,8 @@ class TopKSAE(SAEModule):
         )
         x_hat = _sparse_decode(acts.indices, acts.values, self.W_dec, self.b_dec, plan)
         fvu_term = fvu(flat, x_hat, all_reduce=all_reduce)
-        aux_term = auxk_loss(flat, x_hat, aux, self.W_dec, all_reduce=all_reduce)
+        dead = None if aux is None or dead_mask is None else dead_mask.nonzero().squeeze(1)
+        aux_term = _auxk_loss(flat, x_hat, aux, self.W_dec, all_reduce=all_reduce, dead=dead)
         lead = tuple(x.shape[:-1])
         latents = TopKActivations(
             acts.indices.reshape(*lead, self.k), acts.values.reshape(*lead, self.k)
