@@ -195,13 +195,35 @@ def test_auxk_with_the_screen_equals_the_fp32_path(monkeypatch, every):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("change", ["in place", "data swapped", "bias in place"])
+def test_screen_constants_follow_weight_updates(screen_on, change):
+    """The bf16 copy of W_enc and the bound's norms are cached between calls; an in-place
+    update (an optimizer step) or a ``.data`` swap must rebuild them, or the screen would
+    pick candidates and certify them with the old weights."""
+    sae, x = _sae(), _x()
+    with torch.no_grad():
+        sae.encode(x)  # fills the cache
+        perm = torch.randperm(sae.d_sae, generator=torch.Generator().manual_seed(9))
+        if change == "in place":
+            sae.W_enc.mul_(torch.linspace(0.2, 3.0, sae.d_sae)[perm])
+        elif change == "data swapped":
+            sae.W_enc.data = (sae.W_enc.t()[perm] * 2.5).t()  # TopKSAE's layout kept
+        else:
+            sae.b_enc.copy_(3 * torch.randn(sae.d_sae, generator=torch.Generator().manual_seed(4)))
+        acts = sae.encode(x)
+        pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    _assert_exact_topk(acts, pre, sae.k)
+
+
 @pytest.mark.parametrize(
     ("hardware", "d_sae", "expected"),
     [(True, 1024, True), (True, 1016, False), (False, 1024, False)],
 )
-def test_automatic_choice_needs_bf16_hardware_and_d_sae_of_128_k(
-    monkeypatch, hardware, d_sae, expected
+@pytest.mark.parametrize("rows", [256, 255])
+def test_automatic_choice_needs_bf16_hardware_d_sae_of_128_k_and_256_rows(
+    monkeypatch, hardware, d_sae, expected, rows
 ):
     monkeypatch.setattr(SF, "_BF16_SCREEN", None)
     monkeypatch.setattr(SF, "_BF16_SCREEN_HARDWARE", hardware)
-    assert SF._use_bf16_screen(torch.randn(4, 48), torch.randn(48, d_sae), 8) is expected
+    got = SF._use_bf16_screen(torch.randn(rows, 48), torch.randn(48, d_sae), 8)
+    assert got is (expected and rows >= 256)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -319,6 +320,10 @@ _BF16_SCREEN_HARDWARE = _bf16_screen_hardware()
 # 157 ms screened against 191 ms; at d_sae = 72 k (the pipeline's --quick, 2,304 latents)
 # the 64 training steps took 3.7 s against 3.1 s (half its rows needed a wider screen).
 _SCREEN_MIN_WIDTH_PER_K = 128
+# Rows per call: below this the screen saves a few ms at most, and after each weight update
+# (training) rebuilding its constants costs 3–13 ms (a dozen small passes, each waking the
+# sleeping OpenMP threads). Inference reuses them (``_bf16_screen``'s cache).
+_SCREEN_MIN_ROWS = 256
 # Candidates per row of the screen: k + k (the screen's error bound certified 96–100 % of
 # the benchmark's rows in the first 60 training steps with 2k; with 1.5k, 51–91 %).
 _SCREEN_EXTRA = 1.0
@@ -330,7 +335,11 @@ _BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand)
 def _use_bf16_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
     d_sae = W_enc.shape[1]
     if _BF16_SCREEN is None:
-        enabled = _BF16_SCREEN_HARDWARE and d_sae >= _SCREEN_MIN_WIDTH_PER_K * k
+        enabled = (
+            _BF16_SCREEN_HARDWARE
+            and d_sae >= _SCREEN_MIN_WIDTH_PER_K * k
+            and x.shape[0] >= _SCREEN_MIN_ROWS
+        )
     else:
         enabled = _BF16_SCREEN
     return (
@@ -353,7 +362,41 @@ class _Bf16Screen(NamedTuple):
     b_max: float  # max_j |b_enc[j]|
 
 
+class _ScreenCache(threading.local):
+    key: tuple | None = None
+    refs: tuple | None = None
+    screen: _Bf16Screen | None = None
+
+
+_SCREEN_CACHE = _ScreenCache()
+
+
+def _state(t: Tensor) -> tuple:
+    """What identifies a tensor's current values: its storage, layout and in-place version
+    (``_version`` counts in-place writes; ``.data =`` changes the storage)."""
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
 def _bf16_screen(W_enc: Tensor, b_enc: Tensor) -> _Bf16Screen:
+    """The screen's constants for these weights: computed once per weight update (an
+    encoder used at inference, e.g. spliced into generation, reuses them call after call;
+    building them costs a dozen small passes over W_enc)."""
+    cache = _SCREEN_CACHE
+    key = (_state(W_enc), _state(b_enc))
+    if (
+        cache.key == key
+        and cache.refs is not None
+        and cache.refs[0]() is W_enc
+        and cache.refs[1]() is b_enc
+    ):
+        assert cache.screen is not None
+        return cache.screen
+    screen = _build_bf16_screen(W_enc, b_enc)
+    cache.key, cache.refs, cache.screen = key, (weakref.ref(W_enc), weakref.ref(b_enc)), screen
+    return screen
+
+
+def _build_bf16_screen(W_enc: Tensor, b_enc: Tensor) -> _Bf16Screen:
     W = W_enc.bfloat16()
     rows = W_enc.t()  # one latent per row (contiguous for TopKSAE's storage)
     dw = (rows - W.t().float()).norm(dim=1)
