@@ -46,6 +46,8 @@ import harness
 import interp
 from interp import runs
 from interp.interventions import add_direction
+from interp.runs._rows import _pad_id
+from interp.runs.generation import _eos_ids
 
 CONTRAST = ["I love weddings, brides and grooms.", "I like the weather today."]
 GEN_TARGET = round(1 / 0.98, 4)  # time ratio ≤ 1.0204 ⇔ tokens/s ≥ 0.98× the plain loop
@@ -88,8 +90,8 @@ def generate_group(model, args, layer: int, sync) -> dict:
     a = cache[name]
     means = (a * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     hooks = [(name, add_direction((means[0] - means[1]).detach(), scale=args.scale))]
-    eos = runs._eos_ids(model)
-    pad = runs._pad_id(model)
+    eos = _eos_ids(model)
+    pad = _pad_id(model)
     n, bs = args.new_tokens, args.batch_size
     gen = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": pad}
     if eos:

@@ -15,6 +15,8 @@ import interp
 from interp import runs
 from interp.chat import encode
 from interp.positions import Batch
+from interp.runs._rows import _accepts
+from interp.runs.generation import _sampling_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,7 +181,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     if min_p:
         ref = MinPLogitsWarper(min_p)(ids, ref)
     expected = ref.softmax(-1)
-    got = runs._sampling_probs(scores, temperature, top_k, top_p, min_p)
+    got = _sampling_probs(scores, temperature, top_k, top_p, min_p)
     got = got / got.sum(-1, keepdim=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -597,7 +599,7 @@ def test_capture_dataset_sorted_shards_resume_by_window(llama, tmp_path):
 
 
 def test_capture_dataset_stops_after_the_last_block_asked(llama):
-    if not runs._accepts(llama, "stop_at_layer"):
+    if not _accepts(llama, "stop_at_layer"):
         pytest.skip("model(..., stop_at_layer=) is not available on this backend yet")
     fired = []
     with llama.hooks(fwd=[("blocks.2.hook_resid_pre", lambda t, h: fired.append(1))]):

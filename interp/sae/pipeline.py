@@ -287,7 +287,7 @@ class _ShardBatches:
         self.capacity = max(2 * batch_size, min(buffer_rows, rows))
 
     def __iter__(self) -> Iterator[Tensor]:
-        from interp.runs import _read_shard
+        from interp.runs.capture import _read_shard
 
         gen = torch.Generator().manual_seed(self.seed)
         shards = list(self.acts.meta["shards"])
