@@ -241,6 +241,38 @@ def test_signsgd_loop_equals_sparsify_step_order():
 
 
 @pytest.mark.parametrize("every", [8, 3])
+def test_encoder_gradients_with_auxk_equal_plain_autograd(every):
+    """FVU + AuxK through TopKSAE.forward against plain autograd over dense
+    pre-activations: gradients of every parameter and of the input. Every 8th latent dead
+    (≤ d_sae / 4) takes the dense AuxK backward over the dead columns and shares the TopK
+    sort plan with the decoder; every 3rd keeps the sparse backward over both index sets."""
+    sae, x = _sae(d_sae=200), _x().requires_grad_(True)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[::every] = True
+    k_aux = 6
+    out = sae(x, dead_mask=dead, k_aux=k_aux)
+    params = [x, *sae.parameters()]
+    got = torch.autograd.grad(out.fvu + 0.5 * out.auxk_loss, params)
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(sae.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    x_hat = z @ sae.W_dec + sae.b_dec
+    xd = x.detach()  # fvu's denominator is a constant
+    fvu_ref = ((x - x_hat) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
+    dead_idx = dead.nonzero().squeeze(1)
+    aux = pre[:, dead_idx].topk(k_aux, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, dead_idx[aux.indices], aux.values.relu())
+    e = (x - x_hat).detach()
+    e_hat = z_aux @ sae.W_dec
+    aux_ref = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    torch.testing.assert_close(out.auxk_loss, aux_ref, rtol=1e-5, atol=1e-7)
+    want = torch.autograd.grad(fvu_ref + 0.5 * aux_ref, params)
+    for name, a, b in zip(["x", *dict(sae.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("every", [8, 3])
 def test_auxk_loss_over_a_small_dead_set_is_decoded_densely(monkeypatch, every):
     """TopKSAE.forward passes the dead set to the AuxK loss: while it is at most d_sae / 4
     (every 8th latent) the aux latents are decoded as one dense product over the dead

@@ -545,9 +545,14 @@ class _TopKEncode(torch.autograd.Function):
                 indices[s : s + rows, k:] = dead[aux.indices]
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(centered, W_enc, indices)
+        # A small dead set (≤ d_sae / 4): the backward takes the AuxK columns densely over
+        # the dead latents, and the sparse part (and its sort plan, shared with the
+        # decoder) covers the k TopK columns only.
+        ctx.k = k
+        ctx.dead = dead if k_sel and 4 * dead.numel() <= d_sae else None
         ctx.plan = None
         if plan_out is not None:
-            ctx.plan = _sort_plan(indices, d_sae)
+            ctx.plan = _sort_plan(indices if ctx.dead is None else indices[:, :k], d_sae)
             plan_out.append(ctx.plan)
         return values, indices
 
@@ -556,20 +561,33 @@ class _TopKEncode(torch.autograd.Function):
         centered, W_enc, indices = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
         grad_x = grad_b_dec = grad_W = grad_b_enc = None
+        d_sae, dead = W_enc.shape[1], ctx.dead
         grad = grad.contiguous()
-        flat_idx = indices.reshape(-1)
+        G = None  # the AuxK columns' gradient, dense over the dead latents: [n, #dead]
+        if dead is not None:
+            where = torch.full((d_sae,), -1, dtype=torch.long, device=dead.device)
+            where[dead] = torch.arange(dead.numel(), device=dead.device)
+            aux_at = where[indices[:, ctx.k :]]
+            G = grad.new_zeros(grad.shape[0], dead.numel()).scatter_(1, aux_at, grad[:, ctx.k :])
+            indices, grad = indices[:, : ctx.k], grad[:, : ctx.k].contiguous()
         if need_b_enc or need_b_dec:
-            grad_b_enc = W_enc.new_zeros(W_enc.shape[1]).index_add_(0, flat_idx, grad.reshape(-1))
+            grad_b_enc = W_enc.new_zeros(d_sae).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+            if G is not None:
+                grad_b_enc.index_add_(0, dead, G.sum(0))
         if need_b_dec:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if need_W:
             # Built as the transpose [d_sae, d_in]: whole contiguous rows per latent, and
             # already the strides of TopKSAE's row-major W_enc storage.
-            grad_W = _scatter_rows(indices, grad, centered, W_enc.shape[1], ctx.plan).t()
+            rows = _scatter_rows(indices, grad, centered, d_sae, ctx.plan)
+            if G is not None:
+                rows.index_add_(0, dead, G.t() @ centered)
+            grad_W = rows.t()
         if need_x:
-            grad_x = F.embedding_bag(
-                indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum"
-            )
+            W_rows = W_enc.t().contiguous()
+            grad_x = F.embedding_bag(indices, W_rows, per_sample_weights=grad, mode="sum")
+            if G is not None:
+                grad_x = grad_x + G @ W_rows.index_select(0, dead)
         return grad_x, grad_b_dec, grad_W, grad_b_enc, None, None, None, None
 
 
@@ -668,8 +686,9 @@ def _topk_encode_planned(
     k_aux: int = 0,
 ) -> tuple[TopKActivations, TopKActivations | None, _SortPlan | None]:
     """``_topk_encode_with_aux`` plus, when gradients will reach W_enc and there is no AuxK
-    set, the sort plan of the TopK indices, for ``_sparse_decode(..., plan=)`` to reuse in
-    the decoder's backward (one sort per training step instead of two)."""
+    set or a small one (at most d_sae / 4 dead latents), the sort plan of the TopK indices,
+    for ``_sparse_decode(..., plan=)`` to reuse in the decoder's backward (one sort per
+    training step instead of two)."""
     if not 1 <= k <= W_enc.shape[1]:
         raise ValueError(f"k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
     flat, lead = _flatten(x)
@@ -678,7 +697,8 @@ def _topk_encode_planned(
         dead = dead_mask.nonzero().squeeze(1)
         if dead.numel() == 0:
             dead = None
-    share = dead is None and torch.is_grad_enabled() and W_enc.requires_grad
+    small_dead = dead is None or 4 * dead.numel() <= W_enc.shape[1]
+    share = small_dead and torch.is_grad_enabled() and W_enc.requires_grad
     plan_out: list[_SortPlan] | None = [] if share else None
     values, indices = _TopKEncode.apply(flat, b_dec, W_enc, b_enc, k, dead, k_aux, plan_out)
     values = values.relu()
@@ -687,7 +707,7 @@ def _topk_encode_planned(
         return acts, None, plan_out[0] if plan_out else None
     k_sel = indices.shape[1] - k
     aux = TopKActivations(indices[:, k:].reshape(*lead, k_sel), values[:, k:].reshape(*lead, k_sel))
-    return acts, aux, None
+    return acts, aux, plan_out[0] if plan_out else None
 
 
 def topk_encode_dense(
