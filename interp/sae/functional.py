@@ -311,8 +311,8 @@ def _bf16_screen_hardware() -> bool:
         return False
 
 
-# ``None``: screen wherever the CPU has bf16 arithmetic and d_sae ≥ 128 k; True/False force
-# it on or off (tests; the benchmark's ``--interp-encoder``).
+# ``None``: screen wherever the CPU has bf16 arithmetic, d_sae ≥ 128 k and a call encodes
+# ≥ 256 rows; True/False force it on or off (tests; the benchmark's ``--interp-encoder``).
 _BF16_SCREEN: bool | None = None
 _BF16_SCREEN_HARDWARE = _bf16_screen_hardware()
 # The screen saves half the GEMM (∝ d_sae) and adds sparse work per row (∝ k). Measured on
@@ -352,8 +352,8 @@ def _use_bf16_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
 
 
 class _Bf16Screen(NamedTuple):
-    """Per-call constants of ``_screened_topk``: W_enc and b_enc in bf16 and the column
-    terms of the error bound."""
+    """Constants of ``_screened_topk`` for one state of the weights (``_bf16_screen``
+    caches them): W_enc and b_enc in bf16 and the column terms of the error bound."""
 
     W: Tensor  # [d_in, d_sae] bf16
     b: Tensor  # [d_sae] bf16
