@@ -340,6 +340,8 @@ def interp_kwargs(args, **over) -> dict:
         lr=args.interp_lr,
         warmup_steps=args.interp_warmup,
     )
+    if args.interp_dead_tokens is not None:
+        kw["dead_tokens"] = args.interp_dead_tokens
     kw.update(over)
     return kw
 
@@ -425,7 +427,10 @@ def run_interp(
                 fvus[peer.name][tokens] = peer.fvu(held)
             history = result.history
             start = stop
-    return {"train_fvu_last": history[-1].fvu if history else math.nan}
+    return {
+        "train_fvu_last": history[-1].fvu if history else math.nan,
+        "dead_fraction_last": history[-1].dead_fraction if history else math.nan,
+    }
 
 
 ABLATION = [
@@ -553,6 +558,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--interp-warmup", type=int, default=None, help="default: the optimizer's")
     parser.add_argument(
+        "--interp-dead-tokens",
+        type=int,
+        default=None,
+        help="interp's dead-latent threshold (default: train_sae's 10M); small values make "
+        "latents dead early, so interp's steps include AuxK (sparsify's default runs none)",
+    )
+    parser.add_argument(
         "--interp-encoder",
         default="auto",
         choices=["auto", "bf16-screen", "fp32"],
@@ -660,6 +672,11 @@ def main(argv: list[str] | None = None) -> None:
     met = bool(speed_met and fvu_met)
 
     opts = f"optimizer={args.interp_optimizer}, init={args.interp_init}, b_dec_init={args.interp_b_dec_init}"
+    if args.interp_dead_tokens is not None:
+        opts += (
+            f", dead_tokens={args.interp_dead_tokens:,} (AuxK on; final dead fraction "
+            f"{extra['dead_fraction_last']:.3f})"
+        )
     if screen["used"]:
         opts += (
             f", bf16-screened TopK ({screen['rows']:,} rows; {screen['rows_screened_again_wider']:,} "
