@@ -382,6 +382,9 @@ def _bf16_screen(W_enc: Tensor, b_enc: Tensor) -> _Bf16Screen:
     encoder used at inference, e.g. spliced into generation, reuses them call after call;
     building them costs a dozen small passes over W_enc)."""
     cache = _SCREEN_CACHE
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if type(W_enc) not in plain or type(b_enc) not in plain:  # fake, traced, wrapped: no cache
+        return _build_bf16_screen(W_enc, b_enc)
     key = (_state(W_enc), _state(b_enc))
     if (
         cache.key == key
