@@ -4,6 +4,7 @@
         [--batch 4096] [--steps 20] [--warmup 3] [--data synthetic|gaussian|PATH|DIR]
         [--exclude-first 1] [--eval-tokens 73728,368640] [--held-out-rows 40960]
         [--interp-optimizer signsgd --interp-init sparsify --interp-b-dec-init mean]
+        [--interp-encoder auto|bf16-screen|fp32] [--interp-dead-tokens N]
         [--no-saelens] [--no-sparsify] [--ablation] [--out benchmarks/results/sae_throughput.json]
     python benchmarks/sae_throughput.py --capture DIR [--model smollm2-135m-instruct]
         [--hook blocks.15.hook_resid_post]       # cache real activations once (resumable)
@@ -43,6 +44,11 @@ training tokens (interp: the run is checkpointed there, evaluated, and resumed, 
 ``train_sae`` guarantees equals uninterrupted training); the load average at start and
 end. Target (issue 16 item 5): ≥ 2× sparsify's tokens/s and held-out FVU ≤ that of
 sparsify's best optimizer at every evaluation point.
+
+``--interp-encoder`` chooses interp's TopK selection (the bf16 screen where the CPU has bf16
+arithmetic, always, or the plain fp32 GEMM; the title counts the rows the screen had to
+widen or recompute), and ``--interp-dead-tokens`` lowers interp's dead-latent threshold so
+that its steps run AuxK (sparsify's default runs none).
 
 ``--ablation`` then trains interp variants (init, b_dec init, optimizer, lr, warm-up,
 normalization, AuxK) on the same batches, untimed, and tabulates their held-out FVU at
