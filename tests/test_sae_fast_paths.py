@@ -240,12 +240,13 @@ def test_signsgd_loop_equals_sparsify_step_order():
         torch.testing.assert_close(getattr(out, name).data, want.data, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("every", [8, 3])
+@pytest.mark.parametrize("every", [8, 3, 40])
 def test_encoder_gradients_with_auxk_equal_plain_autograd(every):
     """FVU + AuxK through TopKSAE.forward against plain autograd over dense
     pre-activations: gradients of every parameter and of the input. Every 8th latent dead
     (≤ d_sae / 4) takes the dense AuxK backward over the dead columns and shares the TopK
-    sort plan with the decoder; every 3rd keeps the sparse backward over both index sets."""
+    sort plan with the decoder; every 3rd keeps the sparse backward over both index sets;
+    every 40th leaves fewer dead latents (5) than k_aux, so AuxK takes all of them."""
     sae, x = _sae(d_sae=200), _x().requires_grad_(True)
     dead = torch.zeros(sae.d_sae, dtype=torch.bool)
     dead[::every] = True
@@ -261,7 +262,7 @@ def test_encoder_gradients_with_auxk_equal_plain_autograd(every):
     xd = x.detach()  # fvu's denominator is a constant
     fvu_ref = ((x - x_hat) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
     dead_idx = dead.nonzero().squeeze(1)
-    aux = pre[:, dead_idx].topk(k_aux, dim=-1)
+    aux = pre[:, dead_idx].topk(min(k_aux, dead_idx.numel()), dim=-1)
     z_aux = torch.zeros_like(pre).scatter(-1, dead_idx[aux.indices], aux.values.relu())
     e = (x - x_hat).detach()
     e_hat = z_aux @ sae.W_dec

@@ -542,7 +542,10 @@ class _TopKEncode(torch.autograd.Function):
                 pre = torch.addmm(b_enc, xc, W_enc, out=buf[: xc.shape[0]])
                 values[s : s + rows, :k], indices[s : s + rows, :k] = _topk_rows(pre, k)
                 pre_dead = pre.index_select(1, dead) if k_sel else None
-            if pre_dead is not None:
+            if pre_dead is not None and k_sel == dead.numel():  # every dead latent
+                values[s : s + rows, k:] = pre_dead
+                indices[s : s + rows, k:] = dead
+            elif pre_dead is not None:
                 aux = pre_dead.topk(k_sel, dim=-1, sorted=False)
                 values[s : s + rows, k:] = aux.values
                 indices[s : s + rows, k:] = dead[aux.indices]
