@@ -499,7 +499,10 @@ class _TopKEncode(torch.autograd.Function):
     the benchmark shape (n 4096, d_sae 4608) once cost ~110 ms per step in page faults
     and memory traffic. Inside ``reuse_encoder_buffer`` (``train_sae``) one buffer of up
     to 128 MiB is kept instead, and the whole benchmark batch is one GEMM and one TopK
-    (fewer, larger calls: ~10 ms faster per step than five chunks).
+    (fewer, larger calls: ~10 ms faster per step than five chunks). Where
+    ``_use_bf16_screen`` allows, the buffer holds bf16 pre-activations and the TopK is
+    ``_screened_topk`` (exact), and the AuxK candidates come from an fp32 GEMM over the
+    dead columns alone (while at most d_sae / 4 are dead).
     Returns the pre-ReLU ``values`` ``[n, k + k_sel]`` and their ``indices``. With
     ``plan_out`` (a list) the sort plan of the indices for the backward is made here and
     appended to it, for the decoder's backward to reuse.
@@ -509,6 +512,8 @@ class _TopKEncode(torch.autograd.Function):
         ∂L/∂b_enc[s]    = Σ_{(n,j): i_nj = s} g_nj                    (index_add)
         ∂L/∂b_dec       = −W_enc ∂L/∂b_enc                            (OpenAI's trick)
         ∂L/∂x_n         = Σ_j g_nj W_enc[:, i_nj]                     (embedding_bag)
+    With at most d_sae / 4 dead latents the AuxK columns' share is taken densely instead:
+    their g scattered into ``[n, #dead]``, then small GEMMs with the dead columns.
     """
 
     @staticmethod
