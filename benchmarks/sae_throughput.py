@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     fvus: dict[str, dict[int, float]] = {n: {} for n in names}
     kw = interp_kwargs(args)
     init = kw.pop("init")
-    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.widened = SF._SCREEN_STATS.redone = 0
+    SF._SCREEN_STATS.reset()
     extra = run_interp(args, batches, held, eval_steps, peers, times, fvus, init=init, **kw)
     machine_timed_end = harness.loadavg()
     screen = {

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def screen_on(monkeypatch):
     monkeypatch.setattr(SF, "_BF16_SCREEN", True)
-    SF._SCREEN_STATS.rows = SF._SCREEN_STATS.widened = SF._SCREEN_STATS.redone = 0
+    SF._SCREEN_STATS.reset()
     return SF._SCREEN_STATS
 
 
@@ -180,7 +180,7 @@ def test_auxk_with_the_screen_equals_the_fp32_path(monkeypatch, every):
 
     def run(flag):
         monkeypatch.setattr(SF, "_BF16_SCREEN", flag)
-        SF._SCREEN_STATS.rows = 0
+        SF._SCREEN_STATS.reset()
         out = sae(x, dead_mask=dead, k_aux=16)
         loss = out.fvu + out.auxk_loss
         return SF._SCREEN_STATS.rows, out, torch.autograd.grad(loss, list(sae.parameters()))

@@ -486,8 +486,33 @@ class _ScreenStats(threading.local):
     widened: int = 0  # rows screened again with more candidates (counted per widening)
     redone: int = 0  # rows recomputed with the fp32 GEMM
 
+    def reset(self) -> None:
+        self.rows = self.widened = self.redone = 0
+
 
 _SCREEN_STATS = _ScreenStats()
+
+
+def _small_dead_set(dead: Tensor | None, d_sae: int) -> bool:
+    """Whether the AuxK work over these dead latents is done densely over their columns
+    (at most d_sae / 4 of them) rather than by sparse gathers per token."""
+    return dead is not None and 4 * dead.numel() <= d_sae
+
+
+def _dead_positions(dead: Tensor, d_sae: int) -> Tensor:
+    """``[d_sae]`` map from a latent to its column among ``dead`` (−1 for the others)."""
+    where = torch.full((d_sae,), -1, dtype=torch.long, device=dead.device)
+    where[dead] = torch.arange(dead.numel(), device=dead.device)
+    return where
+
+
+def _dead_indices(dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
+    """The dead latents' indices, or None when there is no AuxK set (no mask, none dead,
+    or ``k_aux`` 0)."""
+    if dead_mask is None or k_aux <= 0:
+        return None
+    dead = dead_mask.nonzero().squeeze(1)
+    return dead if dead.numel() else None
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -529,7 +554,7 @@ class _TopKEncode(torch.autograd.Function):
         rows = max(1, -(-n // -(-n // max_rows))) if n else 1  # equal chunks ≤ max_rows
         # The bf16 screen selects the TopK; the AuxK candidates (dead latents only) then
         # come from an fp32 GEMM over the dead columns, which pays while they are ≤ 1/4.
-        screened = _use_bf16_screen(x, W_enc, k) and (not k_sel or 4 * dead.numel() <= d_sae)
+        screened = _use_bf16_screen(x, W_enc, k) and (not k_sel or _small_dead_set(dead, d_sae))
         screen = _bf16_screen(W_enc, b_enc) if screened else None
         if screen is not None and k_sel:
             W_dead, b_dead = W_enc.index_select(1, dead), b_enc.index_select(0, dead)
@@ -560,7 +585,7 @@ class _TopKEncode(torch.autograd.Function):
         # the dead latents, and the sparse part (and its sort plan, shared with the
         # decoder) covers the k TopK columns only.
         ctx.k = k
-        ctx.dead = dead if k_sel and 4 * dead.numel() <= d_sae else None
+        ctx.dead = dead if k_sel and _small_dead_set(dead, d_sae) else None
         ctx.plan = None
         if plan_out is not None:
             ctx.plan = _sort_plan(indices if ctx.dead is None else indices[:, :k], d_sae)
@@ -576,9 +601,7 @@ class _TopKEncode(torch.autograd.Function):
         grad = grad.contiguous()
         G = None  # the AuxK columns' gradient, dense over the dead latents: [n, #dead]
         if dead is not None:
-            where = torch.full((d_sae,), -1, dtype=torch.long, device=dead.device)
-            where[dead] = torch.arange(dead.numel(), device=dead.device)
-            aux_at = where[indices[:, ctx.k :]]
+            aux_at = _dead_positions(dead, d_sae)[indices[:, ctx.k :]]
             G = grad.new_zeros(grad.shape[0], dead.numel()).scatter_(1, aux_at, grad[:, ctx.k :])
             indices, grad = indices[:, : ctx.k], grad[:, : ctx.k].contiguous()
         if need_b_enc or need_b_dec:
@@ -683,7 +706,8 @@ def _topk_encode_with_aux(
     Both index sets come out of one fused ``_TopKEncode`` (one pass over the
     pre-activations, one sparse pass in the backward, as in OpenAI's ``EncWrapper``).
     """
-    acts, aux, _ = _topk_encode_planned(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    dead = _dead_indices(dead_mask, k_aux)
+    acts, aux, _ = _topk_encode_planned(x, W_enc, b_enc, b_dec, k, dead, k_aux)
     return acts, aux
 
 
@@ -693,22 +717,18 @@ def _topk_encode_planned(
     b_enc: Tensor,
     b_dec: Tensor,
     k: int,
-    dead_mask: Tensor | None = None,
+    dead: Tensor | None = None,
     k_aux: int = 0,
 ) -> tuple[TopKActivations, TopKActivations | None, _SortPlan | None]:
-    """``_topk_encode_with_aux`` plus, when gradients will reach W_enc and there is no AuxK
+    """``_topk_encode_with_aux`` with the dead latents given as indices (``_dead_indices``:
+    None, or a non-empty set), plus, when gradients will reach W_enc and there is no AuxK
     set or a small one (at most d_sae / 4 dead latents), the sort plan of the TopK indices,
     for ``_sparse_decode(..., plan=)`` to reuse in the decoder's backward (one sort per
     training step instead of two)."""
     if not 1 <= k <= W_enc.shape[1]:
         raise ValueError(f"k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
     flat, lead = _flatten(x)
-    dead = None
-    if dead_mask is not None and k_aux > 0:
-        dead = dead_mask.nonzero().squeeze(1)
-        if dead.numel() == 0:
-            dead = None
-    small_dead = dead is None or 4 * dead.numel() <= W_enc.shape[1]
+    small_dead = dead is None or _small_dead_set(dead, W_enc.shape[1])
     share = small_dead and torch.is_grad_enabled() and W_enc.requires_grad
     plan_out: list[_SortPlan] | None = [] if share else None
     values, indices = _TopKEncode.apply(flat, b_dec, W_enc, b_enc, k, dead, k_aux, plan_out)
@@ -861,11 +881,10 @@ def _auxk_loss(
         return x.new_zeros(())
     residual = (x - x_hat).detach()
     n_sae = W_dec.shape[0]
-    if dead is not None and 4 * dead.numel() <= n_sae and aux.indices.dim() == 2:
-        where = torch.full((n_sae,), -1, dtype=torch.long, device=dead.device)
-        where[dead] = torch.arange(dead.numel(), device=dead.device)
+    if _small_dead_set(dead, n_sae) and aux.indices.dim() == 2:
+        assert dead is not None
         z = aux.values.new_zeros(aux.values.shape[0], dead.numel())
-        z = z.scatter(1, where[aux.indices], aux.values.to(z.dtype))
+        z = z.scatter(1, _dead_positions(dead, n_sae)[aux.indices], aux.values.to(z.dtype))
         e_hat = z.to(W_dec.dtype) @ W_dec.index_select(0, dead)
     else:
         e_hat = sparse_decode(aux.indices, aux.values, W_dec)

@@ -36,6 +36,7 @@ from interp.sae.functional import (
     TopKActivations,
     _auxk_loss,
     _blocks,
+    _dead_indices,
     _sparse_decode,
     _topk_encode_planned,
     _topk_encode_with_aux,
@@ -214,12 +215,12 @@ class TopKSAE(SAEModule):
         x = self._cast_in(x)
         flat = x.reshape(-1, self.d_in)
         k_aux = self.d_in // 2 if k_aux is None else k_aux
+        dead = _dead_indices(dead_mask, k_aux)  # once: the encoder and the AuxK loss read it
         acts, aux, plan = _topk_encode_planned(
-            flat, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux
+            flat, self.W_enc, self.b_enc, self.b_dec, self.k, dead, k_aux
         )
         x_hat = _sparse_decode(acts.indices, acts.values, self.W_dec, self.b_dec, plan)
         fvu_term = fvu(flat, x_hat, all_reduce=all_reduce)
-        dead = None if aux is None or dead_mask is None else dead_mask.nonzero().squeeze(1)
         aux_term = _auxk_loss(flat, x_hat, aux, self.W_dec, all_reduce=all_reduce, dead=dead)
         lead = tuple(x.shape[:-1])
         latents = TopKActivations(
