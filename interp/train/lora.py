@@ -319,16 +319,12 @@ def load_adapter(
     if not config_file.is_file():
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
     targets = json.loads(config_file.read_text()).get("target_modules") or []
+    modules = dict(base.named_modules())
     if isinstance(targets, str):  # a regex: check every Linear it matches, as peft will
         pattern = re.compile(targets)
-        names = [n for n, _ in base.named_modules() if pattern.fullmatch(n)]
+        names = [n for n in modules if pattern.fullmatch(n)]
     else:  # peft's rule for a list: the full name, or its last dotted components
-        names = [
-            n
-            for n, _ in base.named_modules()
-            if any(n == t or n.endswith("." + t) for t in targets)
-        ]
-    modules = dict(base.named_modules())
+        names = [n for n in modules if any(n == t or n.endswith("." + t) for t in targets)]
     if not any(_offloaded(modules[n]) for n in names):
         with _quiet_peft():
             return PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
